@@ -1,0 +1,1 @@
+"""Released checkpoints shipped with the package (safetensors + config)."""
