@@ -1,0 +1,487 @@
+"""Convolutional sparse coding (encoder) and sparse deconvolution (decoder) stages (DESIGN §2).
+
+Conventions. A CSC dictionary ``A`` is stored like an ``nn.Conv2d`` weight, ``(C_out, C_in, k, k)``
+(``C_out`` atoms / code channels, atom ``j`` is ``A[j]``), and defines
+
+* synthesis ``D z = conv_transpose2d(z, A, stride=s, padding=p, output_padding=o)``:
+  ``(N, C_out, h, w) → (N, C_in, H, W)``, with ``o`` chosen so that ``H, W`` are exactly the
+  requested size;
+* analysis ``Dᵀ u = conv2d(u, A, stride=s, padding=p)``: ``(N, C_in, H, W) → (N, C_out, h, w)``,
+  ``h = ⌊(H + 2p − k)/s⌋ + 1`` (``⌈H/s⌉`` for odd ``k`` and ``p = k // 2``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .solver import StridedConv, UnrolledLasso, check_solver_options
+
+__all__ = ["CSCLayer", "SparseDeconvLayer", "conv_output_size", "transposed_output_padding"]
+
+KINDS = ("synthesis", "inverse_csc")
+_NORM_EPS = 1e-12
+
+
+def conv_output_size(size: int, kernel_size: int, stride: int, padding: int) -> int:
+    """``conv2d`` output length ``⌊(size + 2p − k)/s⌋ + 1`` (may be ``≤ 0`` for tiny inputs)."""
+    return (size + 2 * padding - kernel_size) // stride + 1
+
+
+def transposed_output_padding(
+    coarse: Sequence[int],
+    fine: Sequence[int],
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    owner: str,
+) -> tuple[int, int]:
+    """``output_padding`` making ``conv_transpose2d`` map ``coarse`` exactly onto ``fine``.
+
+    ``conv_transpose2d`` returns ``(h − 1)s − 2p + k + o`` with ``0 ≤ o < s``; this is also the
+    condition for ``conv2d`` to map ``fine`` back onto ``coarse``, so the two are adjoint.
+
+    Raises:
+        ValueError: naming the sizes and settings when no valid ``o`` exists.
+    """
+    pads = []
+    for c, f in zip(coarse, fine):
+        low = (c - 1) * stride - 2 * padding + kernel_size
+        o = f - low
+        if not 0 <= o < stride:
+            raise ValueError(
+                f"{owner}: a ({tuple(coarse)[0]}, {tuple(coarse)[1]}) code cannot be mapped to "
+                f"output size ({tuple(fine)[0]}, {tuple(fine)[1]}) with kernel_size="
+                f"{kernel_size}, stride={stride}, padding={padding}: a code of length {c} "
+                f"reaches lengths {low}..{low + stride - 1} (output_padding would be {o}; it "
+                f"must lie in [0, stride)). Change output_size, padding or the code size."
+            )
+        pads.append(o)
+    return (pads[0], pads[1])
+
+
+def _check_geometry(
+    in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int, owner: str
+) -> None:
+    for name, value, low in (
+        ("in_channels", in_channels, 1),
+        ("out_channels", out_channels, 1),
+        ("kernel_size", kernel_size, 1),
+        ("stride", stride, 1),
+        ("padding", padding, 0),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{owner}: {name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_input(x: Tensor, channels: int, owner: str, what: str) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != channels:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(
+            f"{owner}: expected {what} of shape (N, {channels}, H, W) (channels={channels}), "
+            f"got {got}"
+        )
+
+
+def _normalize(weight: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``weight`` with each slice over ``dims`` scaled to unit Euclidean norm (differentiable)."""
+    norms = torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
+    return weight / norms.clamp_min(_NORM_EPS)
+
+
+class CSCLayer(nn.Module):
+    """Convolutional sparse coding stage: an unrolled ISTA/FISTA solver of a convolutional Lasso.
+
+    ``forward(x)`` returns ``z_T`` after ``T = n_iter`` proximal steps from ``z₀ = 0`` for::
+
+        min_z ½‖x − D z‖² + λ‖z‖₁ + (μ/2)‖z‖²   (z ≥ 0 if nonnegative)
+
+    with step ``η = 1/L``, ``L = ‖DᵀD‖₂`` estimated by warm-started power iteration for the last
+    input's spatial size (see :class:`~ctrl_csc.nn.solver.UnrolledLasso` for when it is
+    refreshed). ``Dᵀx`` is computed once: a forward costs ``2T − 1`` convolutions.
+
+    Args:
+        in_channels: channels ``C_in`` of the input signal.
+        out_channels: number of atoms ``C_out`` (code channels).
+        kernel_size: atom size ``k``.
+        stride: ``s`` (1 keeps the resolution, 2 halves it).
+        padding: ``p``; ``None`` means ``k // 2``.
+        lmbda: ℓ1 weight ``λ ≥ 0``.
+        mu: ℓ2 (elastic-net) weight ``μ ≥ 0``.
+        n_iter: unrolled iterations ``T ≥ 1``.
+        algorithm: ``"ista"`` or ``"fista"``.
+        nonnegative: constrain the code to ``z ≥ 0``.
+        normalize_atoms: use ``A[j]/‖A[j]‖`` (on the fly, differentiably) as atoms.
+        learn_lmbda: learn ``λ`` (as ``softplus(ρ)``, needs ``lmbda > 0``).
+        learn_step: learn a multiplier (initially 1) on ``η``.
+        power_iters: power-iteration steps per training forward (``≥ 0``).
+        init_power_iters: power-iteration steps at a new input size / before evaluation.
+
+    Shapes:
+        input ``(N, C_in, H, W)`` → code ``(N, C_out, h, w)``, ``h = ⌊(H + 2p − k)/s⌋ + 1``.
+
+    Attributes:
+        weight: the dictionary ``A``, ``(C_out, C_in, k, k)``.
+        solver: the :class:`UnrolledLasso` holding λ, the step and the Lipschitz estimate.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int | None = None,
+        lmbda: float = 0.1,
+        mu: float = 0.0,
+        n_iter: int = 2,
+        algorithm: str = "fista",
+        nonnegative: bool = True,
+        normalize_atoms: bool = True,
+        learn_lmbda: bool = False,
+        learn_step: bool = False,
+        power_iters: int = 1,
+        init_power_iters: int = 50,
+    ) -> None:
+        super().__init__()
+        owner = "CSCLayer"
+        if padding is None and isinstance(kernel_size, int):
+            padding = kernel_size // 2
+        _check_geometry(in_channels, out_channels, kernel_size, stride, padding, owner)
+        check_solver_options(
+            lmbda, mu, n_iter, algorithm, learn_lmbda, power_iters, init_power_iters, owner
+        )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.normalize_atoms = bool(normalize_atoms)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        self.solver = UnrolledLasso(
+            out_channels, lmbda, mu, n_iter, algorithm, nonnegative, learn_lmbda, learn_step,
+            power_iters, init_power_iters,
+        )  # fmt: skip
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Gaussian atoms scaled to unit norm."""
+        with torch.no_grad():
+            nn.init.normal_(self.weight)
+            self.weight.copy_(_normalize(self.weight, (1, 2, 3)))
+
+    # ---- hyperparameters --------------------------------------------------------------------
+    @property
+    def lmbda(self) -> Tensor | float:
+        """Current ``λ`` (0-dim tensor when learnable)."""
+        return self.solver.lmbda
+
+    @property
+    def mu(self) -> float:
+        return self.solver.mu
+
+    @property
+    def n_iter(self) -> int:
+        return self.solver.n_iter
+
+    @property
+    def algorithm(self) -> str:
+        return self.solver.algorithm
+
+    @property
+    def nonnegative(self) -> bool:
+        return self.solver.nonnegative
+
+    # ---- operators --------------------------------------------------------------------------
+    def dictionary(self) -> Tensor:
+        """The atoms used by the operators: ``A`` with unit-norm ``A[j]`` if ``normalize_atoms``.
+
+        Returns:
+            ``(C_out, C_in, k, k)`` (differentiable in ``weight``).
+        """
+        return _normalize(self.weight, (1, 2, 3)) if self.normalize_atoms else self.weight
+
+    def code_size(self, input_size: Sequence[int]) -> tuple[int, int]:
+        """Spatial size ``(h, w)`` of the code of an input of spatial size ``(H, W)``."""
+        h, w = (
+            conv_output_size(int(n), self.kernel_size, self.stride, self.padding)
+            for n in input_size
+        )
+        if h < 1 or w < 1:
+            raise ValueError(
+                f"CSCLayer: input size {tuple(input_size)} is too small for kernel_size="
+                f"{self.kernel_size}, stride={self.stride}, padding={self.padding}"
+            )
+        return (h, w)
+
+    def operator(self, input_size: Sequence[int], dictionary: Tensor | None = None) -> StridedConv:
+        """The synthesis operator ``D`` (with adjoint ``Dᵀ``) for inputs of size ``(H, W)``."""
+        fine = (int(input_size[0]), int(input_size[1]))
+        coarse = self.code_size(fine)
+        pad = transposed_output_padding(
+            coarse, fine, self.kernel_size, self.stride, self.padding, "CSCLayer"
+        )
+        weight = self.dictionary() if dictionary is None else dictionary
+        return StridedConv(weight, self.stride, self.padding, pad, transposed=True)
+
+    def analyze(self, x: Tensor) -> Tensor:
+        """``Dᵀ x``: ``(N, C_in, H, W) → (N, C_out, h, w)``."""
+        _check_input(x, self.in_channels, "CSCLayer.analyze", "input")
+        return self.operator(x.shape[-2:]).adjoint(x)
+
+    def synthesize(self, z: Tensor, output_size: Sequence[int]) -> Tensor:
+        """``D z``: ``(N, C_out, h, w) → (N, C_in, *output_size)``.
+
+        Raises:
+            ValueError: when ``output_size`` does not have code size ``(h, w)``.
+        """
+        _check_input(z, self.out_channels, "CSCLayer.synthesize", "code")
+        coarse = (z.shape[-2], z.shape[-1])
+        fine = (int(output_size[0]), int(output_size[1]))
+        pad = transposed_output_padding(
+            coarse, fine, self.kernel_size, self.stride, self.padding, "CSCLayer.synthesize"
+        )
+        return StridedConv(self.dictionary(), self.stride, self.padding, pad, True).apply(z)
+
+    # ---- solving ----------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """Sparse code of ``x``: ``(N, C_in, H, W) → (N, C_out, h, w)``."""
+        _check_input(x, self.in_channels, "CSCLayer", "input")
+        size = (x.shape[-2], x.shape[-1])
+        return self.solver(x, self.operator(size), self.code_size(size), self.weight._version)
+
+    def objective_trace(self, x: Tensor) -> Tensor:
+        """Per-iteration Lasso objective ``½‖x − Dz_t‖² + λ‖z_t‖₁ + μ/2‖z_t‖²``.
+
+        Runs the same iterations as ``forward`` (same step size) under ``no_grad`` without
+        changing the layer's state beyond bringing a stale Lipschitz estimate up to date.
+
+        Returns:
+            ``(n_iter + 1, N)``; row 0 is ``z₀ = 0``.
+        """
+        _check_input(x, self.in_channels, "CSCLayer", "input")
+        size = (x.shape[-2], x.shape[-1])
+        with torch.no_grad():
+            op = self.operator(size)
+        return self.solver.objective_trace(x, op, self.code_size(size), self.weight._version)
+
+    def lipschitz(self, input_size: Sequence[int] | None = None) -> Tensor:
+        """Current estimate of ``L = ‖DᵀD‖₂`` (0-dim, detached).
+
+        Args:
+            input_size: ``(H, W)``; when given, the estimate is first brought up to date for that
+                size (as in eval mode). Without it, the estimate for the last input's size.
+        """
+        if input_size is not None:
+            size = (int(input_size[0]), int(input_size[1]))
+            with torch.no_grad():
+                op = self.operator(size)
+            self.solver.update_lipschitz(
+                op, self.code_size(size), size, self.weight._version, refresh=False
+            )
+        return self.solver.lipschitz()
+
+    def density(self) -> Tensor | None:
+        """Fraction of non-zero entries of the last code (0-dim, detached), ``None`` before any."""
+        return self.solver.density()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, "
+            f"normalize_atoms={self.normalize_atoms}"
+        )
+
+
+class SparseDeconvLayer(nn.Module):
+    """Sparse deconvolution stage: inverts the resolution change of a CSC stage (DESIGN §2).
+
+    Kinds:
+
+    * ``"synthesis"``: ``x = D' z = conv_transpose2d(z, A', stride=s, padding=p)`` with its own
+      dictionary ``A'`` of shape ``(C_in, C_out, k, k)`` (atom ``j`` is ``A'[j]``, normalised to
+      unit norm if ``normalize_atoms``). The solver options (``lmbda`` … ``init_power_iters``)
+      are not used by this kind; ``learn_lmbda``/``learn_step`` are rejected.
+    * ``"inverse_csc"``: the unrolled solver of :class:`CSCLayer` with the roles of ``conv2d`` and
+      ``conv_transpose2d`` swapped. With ``B v = conv2d(v, A', stride=s, padding=p)`` mapping a
+      fine signal ``(N, C_out, H, W)`` to the coarse code ``(N, C_in, h, w)``, it returns ``v_T``
+      for ``min_v ½‖z − B v‖² + λ‖v‖₁ + μ/2‖v‖²`` (``v ≥ 0`` if ``nonnegative``), i.e. sparse
+      coding that upsamples. ``normalize_atoms`` scales each ``A'[:, c]`` (the filters of fine
+      channel ``c``, i.e. the columns of ``B`` belonging to that channel) to unit norm.
+
+    Args:
+        in_channels: channels ``C_in`` of the coarse input (code).
+        out_channels: channels ``C_out`` of the fine output.
+        kernel_size, stride, padding: geometry; ``padding=None`` means ``k // 2``.
+        kind: ``"synthesis"`` or ``"inverse_csc"``.
+        lmbda, mu, n_iter, algorithm, nonnegative, learn_lmbda, learn_step, power_iters,
+        init_power_iters: solver options, as for :class:`CSCLayer` (``inverse_csc`` only).
+        normalize_atoms: see the kinds.
+
+    Shapes:
+        ``(N, C_in, h, w)`` → ``(N, C_out, H, W)`` with ``(H, W) = output_size`` or by default
+        ``(h·s, w·s)``.
+
+    Attributes:
+        weight: ``A'``, ``(C_in, C_out, k, k)`` (a ``conv_transpose2d`` weight).
+        solver: the :class:`UnrolledLasso` (``inverse_csc``) or ``None`` (``synthesis``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int | None = None,
+        kind: str = "synthesis",
+        lmbda: float = 0.1,
+        mu: float = 0.0,
+        n_iter: int = 2,
+        algorithm: str = "fista",
+        nonnegative: bool = False,
+        normalize_atoms: bool = True,
+        learn_lmbda: bool = False,
+        learn_step: bool = False,
+        power_iters: int = 1,
+        init_power_iters: int = 50,
+    ) -> None:
+        super().__init__()
+        owner = "SparseDeconvLayer"
+        if kind not in KINDS:
+            raise ValueError(f"{owner}: kind must be one of {KINDS}, got {kind!r}")
+        if padding is None and isinstance(kernel_size, int):
+            padding = kernel_size // 2
+        _check_geometry(in_channels, out_channels, kernel_size, stride, padding, owner)
+        check_solver_options(
+            lmbda, mu, n_iter, algorithm, learn_lmbda, power_iters, init_power_iters, owner
+        )
+        if kind == "synthesis" and (learn_lmbda or learn_step):
+            raise ValueError(
+                f"{owner}: learn_lmbda/learn_step only apply to kind='inverse_csc' "
+                f"(got kind='synthesis')"
+            )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.kind = kind
+        self.normalize_atoms = bool(normalize_atoms)
+        self.weight = nn.Parameter(torch.empty(in_channels, out_channels, kernel_size, kernel_size))
+        self.solver = (
+            UnrolledLasso(
+                out_channels,
+                lmbda,
+                mu,
+                n_iter,
+                algorithm,
+                nonnegative,
+                learn_lmbda,
+                learn_step,
+                power_iters,
+                init_power_iters,
+            )  # fmt: skip
+            if kind == "inverse_csc"
+            else None
+        )
+        self.reset_parameters()
+
+    @property
+    def _atom_dims(self) -> tuple[int, ...]:
+        return (1, 2, 3) if self.kind == "synthesis" else (0, 2, 3)
+
+    def reset_parameters(self) -> None:
+        """Gaussian atoms scaled to unit norm."""
+        with torch.no_grad():
+            nn.init.normal_(self.weight)
+            self.weight.copy_(_normalize(self.weight, self._atom_dims))
+
+    def dictionary(self) -> Tensor:
+        """``A'`` as used by the operator (normalised if ``normalize_atoms``).
+
+        Returns:
+            ``(C_in, C_out, k, k)`` (differentiable in ``weight``).
+        """
+        return _normalize(self.weight, self._atom_dims) if self.normalize_atoms else self.weight
+
+    def default_output_size(self, input_size: Sequence[int]) -> tuple[int, int]:
+        """``(h·s, w·s)`` for an input of spatial size ``(h, w)``."""
+        return (int(input_size[0]) * self.stride, int(input_size[1]) * self.stride)
+
+    def operator(self, input_size: Sequence[int], output_size: Sequence[int]) -> StridedConv:
+        """The stage's operator between coarse ``input_size`` and fine ``output_size``.
+
+        ``synthesis``: ``D'`` (``apply`` = ``conv_transpose2d``, coarse → fine);
+        ``inverse_csc``: ``B`` (``apply`` = ``conv2d``, fine → coarse). ``adjoint`` is the other.
+        """
+        coarse = (int(input_size[0]), int(input_size[1]))
+        fine = (int(output_size[0]), int(output_size[1]))
+        pad = transposed_output_padding(
+            coarse, fine, self.kernel_size, self.stride, self.padding, "SparseDeconvLayer"
+        )
+        return StridedConv(
+            self.dictionary(), self.stride, self.padding, pad, self.kind == "synthesis"
+        )
+
+    def forward(self, z: Tensor, output_size: Sequence[int] | None = None) -> Tensor:
+        """``(N, C_in, h, w) → (N, C_out, H, W)``, ``(H, W) = output_size or (h·s, w·s)``."""
+        _check_input(z, self.in_channels, "SparseDeconvLayer", "input")
+        coarse = (z.shape[-2], z.shape[-1])
+        fine = self.default_output_size(coarse) if output_size is None else output_size
+        fine = (int(fine[0]), int(fine[1]))
+        op = self.operator(coarse, fine)
+        if self.solver is None:
+            return op.apply(z)
+        return self.solver(z, op, fine, self.weight._version)
+
+    def _require_solver(self, what: str) -> UnrolledLasso:
+        if self.solver is None:
+            raise ValueError(f"SparseDeconvLayer.{what} needs kind='inverse_csc' (got 'synthesis')")
+        return self.solver
+
+    def objective_trace(self, z: Tensor, output_size: Sequence[int] | None = None) -> Tensor:
+        """Per-iteration objective ``½‖z − B v_t‖² + λ‖v_t‖₁ + μ/2‖v_t‖²`` (``inverse_csc``).
+
+        Returns:
+            ``(n_iter + 1, N)``; row 0 is ``v₀ = 0``.
+        """
+        solver = self._require_solver("objective_trace")
+        _check_input(z, self.in_channels, "SparseDeconvLayer", "input")
+        coarse = (z.shape[-2], z.shape[-1])
+        fine = self.default_output_size(coarse) if output_size is None else tuple(output_size)
+        with torch.no_grad():
+            op = self.operator(coarse, fine)
+        return solver.objective_trace(z, op, fine, self.weight._version)
+
+    def lipschitz(
+        self, input_size: Sequence[int] | None = None, output_size: Sequence[int] | None = None
+    ) -> Tensor:
+        """Current estimate of ``L = ‖BᵀB‖₂`` (``inverse_csc``), 0-dim, detached.
+
+        Args:
+            input_size: coarse ``(h, w)``; when given, the estimate is first brought up to date
+                for it (and ``output_size``, default ``(h·s, w·s)``).
+        """
+        solver = self._require_solver("lipschitz")
+        if input_size is not None:
+            coarse = (int(input_size[0]), int(input_size[1]))
+            fine = self.default_output_size(coarse) if output_size is None else output_size
+            fine = (int(fine[0]), int(fine[1]))
+            with torch.no_grad():
+                op = self.operator(coarse, fine)
+            solver.update_lipschitz(op, fine, coarse, self.weight._version, refresh=False)
+        return solver.lipschitz()
+
+    def density(self) -> Tensor | None:
+        """Fraction of non-zeros of the last output (``inverse_csc``); ``None`` for synthesis."""
+        return None if self.solver is None else self.solver.density()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, kind={self.kind!r}, "
+            f"normalize_atoms={self.normalize_atoms}"
+        )

@@ -1,0 +1,577 @@
+r"""The unrolled convolutional Lasso solver shared by every sparse-coding stage.
+
+Problem (DESIGN §2), for a linear operator ``A`` (the dictionary ``D`` of a CSC stage, or the
+strided convolution ``B`` of an inverse-CSC decoder stage) and data ``u``::
+
+    x* = argmin_x  ½‖u − A x‖² + λ‖x‖₁ + (μ/2)‖x‖²        (optionally subject to x ≥ 0)
+
+Iterations from ``x₀ = 0`` with step ``η`` (``η = 1/L``, ``L = ‖AᵀA‖₂``)::
+
+    ISTA:   x_{t+1} = prox(x_t − η Aᵀ(A x_t − u))
+    FISTA:  y_t = x_t + β_t (x_t − x_{t−1}),  β_t = (τ_{t−1} − 1)/τ_t,
+            τ_t = (1 + √(1 + 4τ_{t−1}²))/2,  τ₀ = 1,
+            x_{t+1} = prox(y_t − η Aᵀ(A y_t − u))
+    prox(v) = shrink(v/(1+ημ), ηλ/(1+ημ))
+
+Both converge for ``η ≤ 1/L``; ISTA's objective is non-increasing for ``η < 2/L``.
+
+Cost. ``Aᵀu`` is computed once, so ``T`` iterations take ``2T − 1`` convolutions:
+``x₁ = prox(ηAᵀu)`` needs none besides ``Aᵀu`` and every later iteration one ``A`` and one
+``Aᵀ``. With ``a = η/(1+ημ)`` and ``s = 1/(1+ημ)`` the iteration is evaluated in the fused form
+
+    c = a(Aᵀu − λ·[x ≥ 0 constraint])    (one convolution with weight a·W and bias −aλ)
+    x_{t+1} = shrink(s·y_t + c − a·AᵀA y_t, aλ)     (threshold already inside c when x ≥ 0)
+
+so the step size and the non-negative threshold ride on the (small) convolution weight and bias and
+each iteration adds three elementwise passes (plus one ``lerp`` for the FISTA momentum).
+
+The Lipschitz constant comes from :func:`power_iteration` on a persistent, warm-started vector kept
+by :class:`UnrolledLasso`, and is never backpropagated through.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .prox import shrink
+
+__all__ = [
+    "ALGORITHMS",
+    "StridedConv",
+    "power_iteration",
+    "fista_momentum",
+    "proximal_gradient_step",
+    "unrolled_lasso",
+    "lasso_objective",
+    "UnrolledLasso",
+]
+
+ALGORITHMS = ("ista", "fista")
+
+Callback = Callable[[int, Tensor], None]
+
+
+@dataclass(frozen=True)
+class StridedConv:
+    """A strided 2-D convolution and its exact adjoint, as one linear operator ``A``.
+
+    ``transposed=True`` (the CSC dictionary ``D``): ``A = conv_transpose2d`` maps a code
+    ``(N, weight.shape[0], h, w)`` to a signal ``(N, weight.shape[1], H, W)`` and
+    ``Aᵀ = conv2d``. ``transposed=False`` (the inverse-CSC operator ``B``): ``A = conv2d`` maps a
+    fine signal ``(N, weight.shape[1], H, W)`` to a coarse ``(N, weight.shape[0], h, w)`` and
+    ``Aᵀ = conv_transpose2d``. ``output_padding`` (each ``< stride``) makes the transposed
+    convolution return exactly ``(H, W)``, so ``<A x, y> = <x, Aᵀ y>``.
+
+    Attributes:
+        weight: ``(C0, C1, k, k)`` with ``C0`` the coarse (code) channels.
+        stride, padding: as for ``conv2d``.
+        output_padding: ``(oh, ow)``, ``0 ≤ oh, ow < stride``.
+        transposed: which of the two convolutions is ``A``.
+    """
+
+    weight: Tensor
+    stride: int
+    padding: int
+    output_padding: tuple[int, int]
+    transposed: bool
+
+    @property
+    def unknown_channels(self) -> int:
+        """Channels of the operator's input (the unknown of the Lasso)."""
+        return self.weight.shape[0] if self.transposed else self.weight.shape[1]
+
+    def _conv(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv2d(x, self.weight, bias, self.stride, self.padding)
+
+    def _conv_t(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv_transpose2d(
+            x, self.weight, bias, self.stride, self.padding, self.output_padding
+        )
+
+    def apply(self, x: Tensor) -> Tensor:
+        """``A x``."""
+        return self._conv_t(x, None) if self.transposed else self._conv(x, None)
+
+    def adjoint(self, u: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``Aᵀ u`` (plus a per-channel ``bias`` of length ``unknown_channels``, fused)."""
+        return self._conv(u, bias) if self.transposed else self._conv_t(u, bias)
+
+    def gram(self, x: Tensor) -> Tensor:
+        """``AᵀA x``."""
+        return self.adjoint(self.apply(x))
+
+    def scaled(self, factor: Tensor | float) -> StridedConv:
+        """The operator ``factor · A`` (scales the small weight, not the activations)."""
+        return replace(self, weight=self.weight * factor)
+
+    def detached(self) -> StridedConv:
+        """The same operator with its weight cut from the autograd graph."""
+        return replace(self, weight=self.weight.detach())
+
+
+@torch.no_grad()
+def power_iteration(
+    op: Callable[[Tensor], Tensor],
+    adj: Callable[[Tensor], Tensor],
+    v0: Tensor,
+    n_iter: int,
+) -> tuple[Tensor, Tensor]:
+    """Estimate ``L = ‖AᵀA‖₂`` (the largest eigenvalue) by power iteration on ``AᵀA``.
+
+    Runs ``v ← AᵀA v / ‖AᵀA v‖`` ``n_iter`` times from ``v0`` and returns ``‖AᵀA v‖`` for the
+    last unit vector ``v``: a lower bound of ``L`` that is at least the Rayleigh quotient and
+    increases towards ``L`` (a warm start from the previous vector converges in a few steps when
+    ``A`` changes slowly). Not differentiable (runs under ``torch.no_grad``).
+
+    Args:
+        op: ``x ↦ A x``.
+        adj: ``u ↦ Aᵀ u``.
+        v0: start vector, any shape ``op`` accepts (e.g. ``(1, C, h, w)``); need not be unit.
+        n_iter: number of applications of ``AᵀA`` (≥ 1).
+
+    Returns:
+        ``(L, v)``: a 0-dim tensor and the new unit vector of the shape of ``v0``.
+    """
+    if n_iter < 1:
+        raise ValueError(f"power_iteration: n_iter must be >= 1, got {n_iter}")
+    tiny = torch.finfo(v0.dtype).tiny
+    v = v0 / torch.linalg.vector_norm(v0).clamp_min(tiny)
+    lip = v.new_zeros(())
+    for _ in range(n_iter):
+        w = adj(op(v))
+        lip = torch.linalg.vector_norm(w)
+        v = w / lip.clamp_min(tiny)
+    return lip, v
+
+
+def fista_momentum(n_iter: int) -> list[float]:
+    """FISTA extrapolation weights ``[β_1, …, β_{n_iter−1}]`` with ``β_t = (τ_{t−1} − 1)/τ_t``.
+
+    ``τ₀ = 1`` and ``τ_t = (1 + √(1 + 4τ_{t−1}²))/2``, so ``β_1 = 0``: the second step is taken
+    at ``x₁`` itself and FISTA differs from ISTA from the third iteration on.
+    """
+    betas = []
+    tau_prev = 1.0
+    for _ in range(1, n_iter):
+        tau = (1.0 + math.sqrt(1.0 + 4.0 * tau_prev * tau_prev)) / 2.0
+        betas.append((tau_prev - 1.0) / tau)
+        tau_prev = tau
+    return betas
+
+
+def proximal_gradient_step(
+    y: Tensor,
+    c: Tensor,
+    h: Tensor,
+    s: Tensor | float | None,
+    theta: Tensor | float,
+    nonnegative: bool,
+) -> Tensor:
+    """One fused proximal-gradient step ``x⁺ = prox(y − η(AᵀA y − Aᵀu))``.
+
+    With ``a = η/(1+ημ)`` and ``s = 1/(1+ημ)``: ``x⁺ = shrink(s·y + c − h, aλ)``, where
+    ``c = a·Aᵀu`` (signed) or ``a·(Aᵀu − λ)`` (non-negative, whose threshold is then already
+    applied, leaving ``max(·, 0)``) and ``h = a·AᵀA y``.
+
+    Args:
+        y: extrapolated point ``(N, C, h, w)``.
+        c: ``(N, C, h, w)``, see above; not modified.
+        h: ``(N, C, h, w)``, see above; consumed (may be overwritten).
+        s: ``1/(1+ημ)``, or ``None`` when ``μ = 0``.
+        theta: ``aλ`` (only used when not ``nonnegative``).
+        nonnegative: whether ``x ≥ 0`` is imposed.
+
+    Returns:
+        ``x⁺`` of the shape of ``y``.
+    """
+    if s is None:
+        v = torch.add(c, y)
+    elif isinstance(s, Tensor):
+        v = torch.addcmul(c, y, s)
+    else:
+        v = torch.add(c, y, alpha=s)
+    v = v.sub_(h)
+    if nonnegative:
+        return v.relu_()
+    return shrink(v, theta)
+
+
+def _threshold_bias(theta: Tensor | float, channels: int, like: Tensor) -> Tensor:
+    """A conv bias of ``−θ`` for each of ``channels`` output channels."""
+    if isinstance(theta, Tensor):
+        return theta.neg().reshape(1).expand(channels)
+    return torch.full((channels,), -float(theta), dtype=like.dtype, device=like.device)
+
+
+def unrolled_lasso(
+    u: Tensor,
+    operator: StridedConv,
+    step: Tensor | float,
+    lmbda: Tensor | float,
+    mu: float = 0.0,
+    n_iter: int = 2,
+    algorithm: str = "fista",
+    nonnegative: bool = False,
+    callback: Callback | None = None,
+) -> Tensor:
+    """``n_iter`` unrolled ISTA/FISTA steps from ``x₀ = 0`` for the elastic-net Lasso.
+
+    Solves (approximately) ``min_x ½‖u − A x‖² + λ‖x‖₁ + μ/2‖x‖²`` (``x ≥ 0`` when
+    ``nonnegative``); see the module docstring for the iterations and the fused form. Costs
+    ``2·n_iter − 1`` convolutions. Differentiable with respect to ``u``, the operator's weight,
+    ``step`` and ``lmbda`` when those are tensors that require grad.
+
+    Args:
+        u: data ``(N, C_u, H_u, W_u)`` in the range of ``A``.
+        operator: the linear operator ``A`` (with its adjoint).
+        step: ``η > 0``, a number or a 0-dim tensor.
+        lmbda: ``λ ≥ 0``, a number or a 0-dim tensor.
+        mu: ``μ ≥ 0``.
+        n_iter: number of proximal steps ``T ≥ 1``.
+        algorithm: ``"ista"`` or ``"fista"``.
+        nonnegative: impose ``x ≥ 0``.
+        callback: called as ``callback(t, x_t)`` after each step ``t = 1..T`` (for objective
+            traces); ``None`` in normal use.
+
+    Returns:
+        The code ``x_T`` of shape ``(N, C_x, H_x, W_x)`` (the domain of ``A``).
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if n_iter < 1:
+        raise ValueError(f"n_iter must be >= 1, got {n_iter}")
+    if mu:
+        denom = 1.0 + step * mu
+        a, s = step / denom, 1.0 / denom
+    else:
+        a, s = step, None
+    theta = a * lmbda
+    scaled = operator.scaled(a)
+    if nonnegative:
+        bias = _threshold_bias(theta, operator.unknown_channels, scaled.weight)
+        c = scaled.adjoint(u, bias)  # a (Aᵀu − λ)
+        z = torch.relu(c)
+    else:
+        c = scaled.adjoint(u)  # a Aᵀu
+        z = shrink(c, theta)
+    if callback is not None:
+        callback(1, z)
+    betas = fista_momentum(n_iter) if algorithm == "fista" else [0.0] * (n_iter - 1)
+    z_prev = z
+    for t in range(1, n_iter):
+        beta = betas[t - 1]
+        y = z if beta == 0.0 else torch.lerp(z, z_prev, -beta)  # z + β(z − z_prev)
+        h = scaled.adjoint(operator.apply(y))
+        z_prev, z = z, proximal_gradient_step(y, c, h, s, theta, nonnegative)
+        if callback is not None:
+            callback(t + 1, z)
+    return z
+
+
+def lasso_objective(
+    u: Tensor,
+    x: Tensor,
+    operator: StridedConv,
+    lmbda: Tensor | float,
+    mu: float = 0.0,
+) -> Tensor:
+    """Per-sample objective ``½‖u − A x‖² + λ‖x‖₁ + μ/2‖x‖²``.
+
+    Args:
+        u: ``(N, …)`` data; x: ``(N, …)`` code; operator: ``A``.
+
+    Returns:
+        ``(N,)``.
+    """
+    r = u - operator.apply(x)
+    dims = tuple(range(1, x.dim()))
+    obj = 0.5 * r.square().sum(dims) + lmbda * x.abs().sum(dims)
+    if mu:
+        obj = obj + 0.5 * mu * x.square().sum(dims)
+    return obj
+
+
+def _inverse_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+def check_solver_options(
+    lmbda: float,
+    mu: float,
+    n_iter: int,
+    algorithm: str,
+    learn_lmbda: bool,
+    power_iters: int,
+    init_power_iters: int,
+    owner: str,
+) -> None:
+    """Raise a ``ValueError`` naming the setting for an invalid solver option."""
+    if not lmbda >= 0:
+        raise ValueError(f"{owner}: lmbda must be >= 0, got {lmbda}")
+    if not mu >= 0:
+        raise ValueError(f"{owner}: mu must be >= 0, got {mu}")
+    if not isinstance(n_iter, int) or n_iter < 1:
+        raise ValueError(f"{owner}: n_iter must be an integer >= 1, got {n_iter!r}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"{owner}: algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if learn_lmbda and lmbda == 0:
+        raise ValueError(
+            f"{owner}: learn_lmbda=True needs lmbda > 0 (λ = softplus(ρ) is kept positive)"
+        )
+    if not isinstance(power_iters, int) or power_iters < 0:
+        raise ValueError(f"{owner}: power_iters must be an integer >= 0, got {power_iters!r}")
+    if not isinstance(init_power_iters, int) or init_power_iters < 1:
+        raise ValueError(
+            f"{owner}: init_power_iters must be an integer >= 1, got {init_power_iters!r}"
+        )
+
+
+class UnrolledLasso(nn.Module):
+    """Unrolled ISTA/FISTA with its own step size, threshold and Lipschitz estimate.
+
+    The single solver used by :class:`~ctrl_csc.nn.CSCLayer` and by the ``inverse_csc`` kind of
+    :class:`~ctrl_csc.nn.SparseDeconvLayer`; the layers own the dictionary and pass the operator
+    built from it to :meth:`forward`.
+
+    Step size. ``η = m / L`` with ``L`` the power-iteration estimate of ``‖AᵀA‖₂`` for the
+    current spatial sizes and ``m`` a learnable multiplier (``learn_step``, ``m = exp(ρ)``,
+    initially 1; otherwise ``m = 1``). ``L`` is a lower bound that converges from below, so ``η``
+    may exceed ``1/L_true`` by the (small) residual of the power iteration; DESIGN fixes
+    ``η = 1/L`` and we keep it (ISTA is monotone for any ``η < 2/L``, FISTA is insensitive to
+    such small excess in practice). The vector is warm-started from call to call and estimated:
+
+    * from a fixed pseudo-random start with ``init_power_iters`` steps when the spatial sizes
+      change (or at first use);
+    * in training mode, ``power_iters`` further steps on every forward;
+    * in eval mode, ``init_power_iters`` warm steps only when the dictionary was modified since
+      the last estimate (tracked by the weight's in-place version counter, e.g. after an
+      optimiser step or ``load_state_dict``); otherwise the cached value is used.
+
+    The vector, ``L`` and the sizes they belong to are buffers in the state dict (loadable into
+    a module that has seen other sizes, or none).
+
+    Threshold. ``λ`` is a constant, or with ``learn_lmbda`` ``λ = softplus(ρ)`` with ``ρ`` the
+    parameter ``raw_lmbda`` (kept positive).
+
+    Args:
+        channels: channels of the unknown (for the power-iteration vector).
+        lmbda, mu, n_iter, algorithm, nonnegative: see :func:`unrolled_lasso`.
+        learn_lmbda: make ``λ`` a parameter.
+        learn_step: learn a multiplier on ``η``.
+        power_iters: power-iteration steps per training forward (``≥ 0``).
+        init_power_iters: steps when the sizes change / before evaluation (``≥ 1``).
+    """
+
+    _LIP_BUFFERS = ("power_vector", "lipschitz_estimate", "lipschitz_shape")
+
+    def __init__(
+        self,
+        channels: int,
+        lmbda: float = 0.1,
+        mu: float = 0.0,
+        n_iter: int = 2,
+        algorithm: str = "fista",
+        nonnegative: bool = True,
+        learn_lmbda: bool = False,
+        learn_step: bool = False,
+        power_iters: int = 1,
+        init_power_iters: int = 50,
+    ) -> None:
+        super().__init__()
+        check_solver_options(
+            lmbda, mu, n_iter, algorithm, learn_lmbda, power_iters, init_power_iters,
+            "UnrolledLasso",
+        )  # fmt: skip
+        self.channels = int(channels)
+        self.mu = float(mu)
+        self.n_iter = int(n_iter)
+        self.algorithm = algorithm
+        self.nonnegative = bool(nonnegative)
+        self.power_iters = int(power_iters)
+        self.init_power_iters = int(init_power_iters)
+        self._fixed_lmbda = float(lmbda)
+        self.raw_lmbda = (
+            nn.Parameter(torch.tensor(_inverse_softplus(float(lmbda)))) if learn_lmbda else None
+        )
+        self.log_step_scale = nn.Parameter(torch.zeros(())) if learn_step else None
+        self.register_buffer("power_vector", torch.zeros(0))
+        self.register_buffer("lipschitz_estimate", torch.zeros(()))
+        self.register_buffer("lipschitz_shape", torch.zeros(4, dtype=torch.long))
+        self._lip_key: tuple[int, ...] | None = None  # mirrors lipschitz_shape (no device sync)
+        self._lip_version: int | None = None  # weight version the estimate belongs to
+        self._last_code: Tensor | None = None
+
+    # ---- parameters -------------------------------------------------------------------------
+    @property
+    def lmbda(self) -> Tensor | float:
+        """The current ``λ`` (a 0-dim tensor when learnable)."""
+        if self.raw_lmbda is None:
+            return self._fixed_lmbda
+        return F.softplus(self.raw_lmbda)
+
+    @property
+    def step_scale(self) -> Tensor | float:
+        """The multiplier ``m`` of ``η = m/L`` (a 0-dim tensor when learnable)."""
+        if self.log_step_scale is None:
+            return 1.0
+        return self.log_step_scale.exp()
+
+    # ---- Lipschitz constant -----------------------------------------------------------------
+    def _initial_vector(self, size: tuple[int, int], like: Tensor) -> Tensor:
+        gen = torch.Generator().manual_seed(0)
+        v = torch.randn((1, self.channels, *size), generator=gen, dtype=torch.float64)
+        return v.to(device=like.device, dtype=like.dtype)
+
+    def update_lipschitz(
+        self,
+        operator: StridedConv,
+        unknown_size: tuple[int, int],
+        data_size: tuple[int, int],
+        weight_version: int | None,
+        refresh: bool,
+    ) -> None:
+        """Bring the estimate of ``‖AᵀA‖₂`` up to date (see the class docstring).
+
+        Args:
+            operator: ``A`` for these sizes (its weight is detached here).
+            unknown_size: spatial size of the unknown, data_size: of the data.
+            weight_version: the dictionary parameter's ``_version`` (``None``: always stale).
+            refresh: run ``power_iters`` steps (training mode).
+        """
+        key = (*data_size, *unknown_size)
+        weight = operator.weight
+        if key != self._lip_key:
+            n, v0 = self.init_power_iters, self._initial_vector(unknown_size, weight)
+        else:
+            v0 = self.power_vector.to(dtype=weight.dtype)
+            if refresh:
+                n = self.power_iters
+            elif weight_version is None or weight_version != self._lip_version:
+                n = self.init_power_iters
+            else:
+                n = 0
+        if n == 0:
+            return
+        op = operator.detached()
+        with torch.autocast(device_type=weight.device.type, enabled=False):  # full precision
+            lip, v = power_iteration(op.apply, op.adjoint, v0, n)
+        # Assign fresh tensors rather than copying in place (works under inference_mode too).
+        self.power_vector = v
+        self.lipschitz_estimate = lip
+        if key != self._lip_key:
+            self.lipschitz_shape = torch.tensor(key, dtype=torch.long, device=weight.device)
+            self._lip_key = key
+        self._lip_version = weight_version
+
+    def lipschitz(self) -> Tensor:
+        """The current estimate of ``L`` (0-dim, detached) for the last sizes seen."""
+        if self._lip_key is None:
+            raise RuntimeError(
+                "no Lipschitz estimate yet: run a forward pass first or pass input_size"
+            )
+        return self.lipschitz_estimate.detach().clone()
+
+    def step_size(self) -> Tensor:
+        """``η = m/L`` from the current estimate (differentiable in ``m`` only)."""
+        lip = self.lipschitz_estimate.clone()  # a normal tensor even if made in inference mode
+        return self.step_scale / lip.clamp_min(torch.finfo(lip.dtype).tiny)
+
+    # ---- solving ----------------------------------------------------------------------------
+    def forward(
+        self,
+        u: Tensor,
+        operator: StridedConv,
+        unknown_size: tuple[int, int],
+        weight_version: int | None = None,
+    ) -> Tensor:
+        """Solve for the code of ``u``.
+
+        Args:
+            u: data ``(N, C_u, H_u, W_u)``.
+            operator: ``A``, mapping the unknown ``(N, channels, *unknown_size)`` to data.
+            unknown_size: spatial size of the unknown.
+            weight_version: see :meth:`update_lipschitz`.
+
+        Returns:
+            ``(N, channels, *unknown_size)``.
+        """
+        data_size = (u.shape[-2], u.shape[-1])
+        self.update_lipschitz(operator, unknown_size, data_size, weight_version, self.training)
+        z = unrolled_lasso(
+            u, operator, self.step_size(), self.lmbda, self.mu, self.n_iter, self.algorithm,
+            self.nonnegative,
+        )  # fmt: skip
+        self._last_code = z.detach()
+        return z
+
+    @torch.no_grad()
+    def objective_trace(
+        self,
+        u: Tensor,
+        operator: StridedConv,
+        unknown_size: tuple[int, int],
+        weight_version: int | None = None,
+    ) -> Tensor:
+        """Lasso objective after each iteration, with the step size ``forward`` uses.
+
+        Does not run the per-step training power iterations, nor touch the last code.
+
+        Returns:
+            ``(n_iter + 1, N)``: row 0 is ``x₀ = 0``, row ``t`` is ``x_t``.
+        """
+        data_size = (u.shape[-2], u.shape[-1])
+        self.update_lipschitz(operator, unknown_size, data_size, weight_version, refresh=False)
+        lmbda = self.lmbda
+        zero = u.new_zeros((u.shape[0], self.channels, *unknown_size))
+        rows = [lasso_objective(u, zero, operator, lmbda, self.mu)]
+
+        def record(_t: int, z: Tensor) -> None:
+            rows.append(lasso_objective(u, z, operator, lmbda, self.mu))
+
+        unrolled_lasso(
+            u, operator, self.step_size(), lmbda, self.mu, self.n_iter, self.algorithm,
+            self.nonnegative, callback=record,
+        )  # fmt: skip
+        return torch.stack(rows)
+
+    def density(self) -> Tensor | None:
+        """Fraction of non-zero entries of the last code (0-dim, detached), or ``None``."""
+        if self._last_code is None:
+            return None
+        z = self._last_code
+        return torch.count_nonzero(z).to(z.dtype) / max(z.numel(), 1)
+
+    # ---- state dict -------------------------------------------------------------------------
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # noqa: D401 - torch hook
+        # The buffers' shapes depend on the input size: take the incoming shapes.
+        for name in self._LIP_BUFFERS:
+            incoming = state_dict.get(prefix + name)
+            if isinstance(incoming, Tensor):
+                current = getattr(self, name)
+                setattr(
+                    self,
+                    name,
+                    torch.empty(incoming.shape, dtype=current.dtype, device=current.device),
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        shape = tuple(int(s) for s in self.lipschitz_shape.tolist())
+        self._lip_key = shape if len(shape) == 4 and any(shape) else None
+        self._lip_version = None  # re-checked (warm) before the next evaluation
+
+    def extra_repr(self) -> str:
+        lmbda = "learned" if self.raw_lmbda is not None else self._fixed_lmbda
+        return (
+            f"lmbda={lmbda}, mu={self.mu}, n_iter={self.n_iter}, algorithm={self.algorithm!r}, "
+            f"nonnegative={self.nonnegative}, learn_step={self.log_step_scale is not None}, "
+            f"power_iters={self.power_iters}, init_power_iters={self.init_power_iters}"
+        )

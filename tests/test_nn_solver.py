@@ -1,0 +1,266 @@
+"""The unrolled solver against independent truth: DESIGN's iterations written out on dense
+matrices, the Lasso optimality conditions, a coordinate-descent solver, a planted code, and
+finite-difference gradients."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call
+
+from ctrl_csc.nn import CSCLayer, SparseDeconvLayer
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny problems: one thread avoids OpenMP contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def dense_matrix(apply, in_shape):
+    """Matrix of a linear map, built column by column from the images of the basis vectors."""
+    n = math.prod(in_shape)
+    basis = torch.eye(n, dtype=F64).reshape(n, *in_shape)
+    return apply(basis).reshape(n, -1).T.detach()
+
+
+def design_iterations(m, u, eta, lmbda, mu, n_iter, algorithm, nonnegative):
+    """DESIGN §2 verbatim on a dense matrix. u: (N, rows) -> z: (N, cols)."""
+
+    def prox(v):
+        a = v / (1 + eta * mu)
+        theta = eta * lmbda / (1 + eta * mu)
+        if nonnegative:
+            return torch.clamp(a - theta, min=0)
+        return torch.sign(a) * torch.clamp(a.abs() - theta, min=0)
+
+    z = torch.zeros(u.shape[0], m.shape[1], dtype=F64)
+    z_prev, tau_prev = z, 1.0
+    for t in range(n_iter):
+        y = z
+        if algorithm == "fista" and t > 0:
+            tau = (1 + math.sqrt(1 + 4 * tau_prev**2)) / 2
+            y = z + ((tau_prev - 1) / tau) * (z - z_prev)
+            tau_prev = tau
+        grad = (y @ m.T - u) @ m
+        z_prev, z = z, prox(y - eta * grad)
+    return z
+
+
+def coordinate_descent(m, u, lmbda, mu, nonnegative, sweeps=3000):
+    """High-accuracy elastic-net Lasso by cyclic coordinate descent (numpy, one sample)."""
+    m = m.numpy()
+    u = u.numpy()
+    gram = m.T @ m
+    corr = m.T @ u
+    z = np.zeros(m.shape[1])
+    q = np.zeros(m.shape[1])  # gram @ z
+    for _ in range(sweeps):
+        biggest = 0.0
+        for i in range(len(z)):
+            r = corr[i] - q[i] + gram[i, i] * z[i]
+            new = max(r - lmbda, 0.0) if nonnegative else np.sign(r) * max(abs(r) - lmbda, 0.0)
+            new /= gram[i, i] + mu
+            delta = new - z[i]
+            if delta != 0.0:
+                q += gram[:, i] * delta
+                z[i] = new
+                biggest = max(biggest, abs(delta))
+        if biggest < 1e-15:
+            break
+    return torch.from_numpy(z)
+
+
+def kkt_violation(m, u, z, lmbda, mu, nonnegative):
+    """Max violation of the optimality conditions of ½‖u − Mz‖² + λ‖z‖₁ + μ/2‖z‖² (z ≥ 0)."""
+    g = (u - z @ m.T) @ m - mu * z  # = λ s with s ∈ ∂‖z‖₁ (+ normal cone of z ≥ 0)
+    active = z != 0
+    if nonnegative:
+        on = (g - lmbda).abs()
+        off = torch.clamp(g - lmbda, min=0)
+    else:
+        on = (g - lmbda * torch.sign(z)).abs()
+        off = torch.clamp(g.abs() - lmbda, min=0)
+    return float(torch.where(active, on, off).max())
+
+
+def csc_problem(nonnegative, mu=0.0, n_iter=2, algorithm="fista", lmbda=0.1, size=(6, 5)):
+    layer = CSCLayer(
+        2, 3, 3, stride=2, lmbda=lmbda, mu=mu, n_iter=n_iter, algorithm=algorithm,
+        nonnegative=nonnegative, init_power_iters=300,
+    ).double()  # fmt: skip
+    h, w = layer.code_size(size)
+    m = dense_matrix(lambda z: layer.synthesize(z, size), (3, h, w))
+    x = torch.randn(2, 2, *size, dtype=F64)
+    return layer, m, x
+
+
+@pytest.mark.parametrize("algorithm", ["ista", "fista"])
+@pytest.mark.parametrize("nonnegative", [True, False])
+@pytest.mark.parametrize("mu", [0.0, 0.4])
+def test_csc_iterations_follow_design(algorithm, nonnegative, mu):
+    layer, m, x = csc_problem(nonnegative, mu, algorithm=algorithm)
+    layer.eval()
+    eta = 1.0 / float(layer.lipschitz(x.shape[-2:]))
+    u = x.reshape(2, -1)
+    for n_iter in (1, 2, 3, 5):
+        layer.solver.n_iter = n_iter
+        with torch.no_grad():
+            z = layer(x).reshape(2, -1)
+        expected = design_iterations(m, u, eta, 0.1, mu, n_iter, algorithm, nonnegative)
+        torch.testing.assert_close(z, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_inverse_csc_iterations_follow_design(nonnegative):
+    layer = SparseDeconvLayer(
+        3, 2, 3, stride=2, kind="inverse_csc", lmbda=0.05, n_iter=4, nonnegative=nonnegative
+    )
+    layer = layer.double().eval()
+    coarse, fine = (3, 3), (5, 6)
+    m = dense_matrix(layer.operator(coarse, fine).apply, (2, *fine))
+    z = torch.randn(2, 3, *coarse, dtype=F64)
+    eta = 1.0 / float(layer.lipschitz(coarse, fine))
+    with torch.no_grad():
+        v = layer(z, fine).reshape(2, -1)
+    expected = design_iterations(m, z.reshape(2, -1), eta, 0.05, 0.0, 4, "fista", nonnegative)
+    torch.testing.assert_close(v, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("nonnegative", [True, False])
+@pytest.mark.parametrize("mu", [0.0, 0.3])
+def test_converges_to_lasso_solution(nonnegative, mu):
+    layer, m, x = csc_problem(nonnegative, mu, n_iter=1500, lmbda=0.15)
+    layer.eval()
+    with torch.no_grad():
+        z = layer(x).reshape(2, -1)
+    u = x.reshape(2, -1)
+    assert kkt_violation(m, u, z, 0.15, mu, nonnegative) < 1e-8
+    assert 0 < int((z != 0).sum()) < z.numel()  # a genuinely sparse solution
+    for i in range(2):
+        reference = coordinate_descent(m, u[i], 0.15, mu, nonnegative)
+        assert kkt_violation(m, u[i : i + 1], reference[None], 0.15, mu, nonnegative) < 1e-10
+        torch.testing.assert_close(z[i], reference, rtol=0, atol=1e-7)
+
+
+def test_inverse_csc_converges_to_lasso_solution():
+    layer = SparseDeconvLayer(3, 2, 3, stride=2, kind="inverse_csc", lmbda=0.05, mu=0.1)
+    layer.solver.n_iter = 3000
+    layer = layer.double().eval()
+    coarse, fine = (3, 3), (6, 6)
+    m = dense_matrix(layer.operator(coarse, fine).apply, (2, *fine))
+    z = torch.randn(1, 3, *coarse, dtype=F64)
+    with torch.no_grad():
+        v = layer(z).reshape(1, -1)
+    assert kkt_violation(m, z.reshape(1, -1), v, 0.05, 0.1, False) < 1e-8
+    reference = coordinate_descent(m, z.reshape(-1), 0.05, 0.1, False)
+    torch.testing.assert_close(v[0], reference, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("nonnegative", [True, False])
+@pytest.mark.parametrize("mu", [0.0, 0.5])
+def test_ista_objective_never_increases(nonnegative, mu):
+    layer = CSCLayer(
+        3, 6, 3, lmbda=0.2, mu=mu, n_iter=60, algorithm="ista", nonnegative=nonnegative
+    ).double()
+    trace = layer.objective_trace(torch.randn(2, 3, 8, 8, dtype=F64))
+    assert trace.shape == (61, 2)
+    steps = trace[1:] - trace[:-1]
+    assert float(steps.max()) <= 1e-12 * float(trace.abs().max())
+    assert bool((trace[-1] < 0.9 * trace[0]).all())
+
+
+def test_fista_trace_and_forward_agree():
+    layer = CSCLayer(3, 6, 3, lmbda=0.2, n_iter=8).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=F64)
+    trace = layer.objective_trace(x)
+    with torch.no_grad():
+        z = layer(x)
+        r = x - layer.synthesize(z, (8, 8))
+        final = 0.5 * r.square().sum((1, 2, 3)) + 0.2 * z.abs().sum((1, 2, 3))
+    torch.testing.assert_close(trace[-1], final)
+
+
+def test_planted_sparse_code_is_recovered():
+    gen = torch.Generator().manual_seed(3)
+    layer = CSCLayer(8, 4, 3, stride=2, lmbda=1e-3, n_iter=2000, init_power_iters=200).double()
+    layer.eval()
+    truth = torch.zeros(1, 4, 5, 5, dtype=F64)
+    positions = [(0, 1, 1), (1, 3, 0), (2, 2, 4), (3, 4, 2), (1, 0, 3)]
+    for (c, i, j), value in zip(positions, torch.rand(5, generator=gen, dtype=F64) + 1.0):
+        truth[0, c, i, j] = value
+    with torch.no_grad():
+        x = layer.synthesize(truth, (10, 10))
+        z = layer(x)
+    support = z.abs() > 1e-2
+    assert torch.equal(support, truth != 0)
+    torch.testing.assert_close(z, truth, rtol=0, atol=5e-3)
+
+
+def _gradcheck_layer(layer, inputs, extra=()):
+    names = [n for n, _ in layer.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for _, p in layer.named_parameters()]
+
+    def run(x, *values):
+        return functional_call(layer, dict(zip(names, values)), (x, *extra))
+
+    return torch.autograd.gradcheck(run, (inputs, *params), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("nonnegative", [True, False])
+@pytest.mark.parametrize("mu", [0.0, 0.3])
+def test_csc_gradients_match_finite_differences(nonnegative, mu):
+    layer = CSCLayer(
+        2, 3, 3, stride=2, lmbda=0.05, mu=mu, n_iter=3, nonnegative=nonnegative,
+        learn_lmbda=True, learn_step=True, power_iters=0,
+    ).double()  # fmt: skip
+    x = torch.randn(2, 2, 5, 4, dtype=F64, requires_grad=True)
+    layer(x)  # the Lipschitz estimate is held fixed from here on (power_iters=0)
+    assert [n for n, _ in layer.named_parameters()] == [
+        "weight",
+        "solver.raw_lmbda",
+        "solver.log_step_scale",
+    ]
+    assert _gradcheck_layer(layer, x)
+
+
+@pytest.mark.parametrize("kind", ["synthesis", "inverse_csc"])
+def test_deconv_gradients_match_finite_differences(kind):
+    options = dict(learn_lmbda=True, power_iters=0) if kind == "inverse_csc" else {}
+    layer = SparseDeconvLayer(3, 2, 3, stride=2, kind=kind, lmbda=0.05, n_iter=3, **options)
+    layer = layer.double()
+    z = torch.randn(2, 3, 3, 3, dtype=F64, requires_grad=True)
+    layer(z, (5, 6))
+    assert _gradcheck_layer(layer, z, extra=((5, 6),))
+
+
+def test_learnable_parameters_receive_gradients():
+    layer = CSCLayer(3, 4, 3, n_iter=3, learn_lmbda=True, learn_step=True)
+    layer(torch.randn(2, 3, 8, 8)).square().sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert float(layer.lmbda.detach()) == pytest.approx(0.1)
+
+
+def test_inference_mode_then_training():
+    layer = CSCLayer(3, 4, 3, n_iter=3, learn_lmbda=True, learn_step=True)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        expected = layer.eval()(x)
+    layer.train()
+    layer(x).sum().backward()  # buffers made under inference_mode do not break autograd
+    assert layer.weight.grad is not None
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_empty_batch():
+    layer = CSCLayer(3, 4, 3)
+    assert layer(torch.randn(0, 3, 8, 8)).shape == (0, 4, 8, 8)
