@@ -1,0 +1,34 @@
+"""Encoders and decoders: CSC-CTRL (stacks of CSC / sparse-deconvolution stages) and baselines.
+
+Every encoder maps images ``(N, C, H, W)`` in ``[-1, 1]`` to features ``(N, feature_dim)`` (on the
+unit sphere unless ``normalize=False``); every decoder maps ``(N, feature_dim)`` back to images
+``(N, C, H, W)`` in ``[-1, 1]``. Both check their input and raise a ``ValueError`` naming
+``dataset.channels`` / ``dataset.image_size`` and the model's setting when they disagree, and report
+per-stage densities (fraction of non-zeros) of their last forward through ``densities()``.
+Configs: ``conf/model/*.yaml``.
+"""
+
+from ._common import add_noise, count_parameters
+from .autoencoder import Autoencoder
+from .conv_ae import ConvDecoder, ConvEncoder
+from .csc import CSCDecoder, CSCEncoder
+from .dcgan import DCGANDecoder, DCGANEncoder
+from .resnet import ResNetDecoder, ResNetEncoder
+from .specs import CSCStageSpec, DeconvStageSpec, parse_stages
+
+__all__ = [
+    "Autoencoder",
+    "CSCDecoder",
+    "CSCEncoder",
+    "CSCStageSpec",
+    "ConvDecoder",
+    "ConvEncoder",
+    "DCGANDecoder",
+    "DCGANEncoder",
+    "DeconvStageSpec",
+    "ResNetDecoder",
+    "ResNetEncoder",
+    "add_noise",
+    "count_parameters",
+    "parse_stages",
+]

@@ -1,0 +1,243 @@
+"""Shared pieces of the encoders and decoders: size arithmetic, normalisation and activation
+layers, input validation, density bookkeeping and the denoising corruption.
+
+Every encoder in :mod:`ctrl_csc.models` maps images ``(N, C, H, W)`` in ``[-1, 1]`` to features
+``(N, feature_dim)`` (on the unit sphere unless built with ``normalize=False``); every decoder maps
+``(N, feature_dim)`` back to ``(N, C, H, W)``. The base classes below hold what they all share: the
+image geometry they were built for, the check that an input matches it (a ``ValueError`` naming
+``dataset.channels`` / ``dataset.image_size`` and the model's setting), and per-stage densities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "NORMS",
+    "ACTIVATIONS",
+    "ImageEncoder",
+    "ImageDecoder",
+    "add_noise",
+    "as_size",
+    "conv_out_size",
+    "count_parameters",
+    "make_activation",
+    "make_norm",
+    "make_output_activation",
+]
+
+NORMS = ("batch", "group", "none")
+ACTIVATIONS = ("none", "relu", "leaky_relu", "tanh")
+OUTPUT_ACTIVATIONS = ("tanh", "hardtanh", "none")
+
+
+def as_size(image_size: int | Sequence[int], setting: str = "image_size") -> tuple[int, int]:
+    """``image_size`` as ``(H, W)``: an int means a square image."""
+    if isinstance(image_size, bool):
+        raise ValueError(f"{setting} must be an int or a pair (H, W), got {image_size!r}")
+    if isinstance(image_size, int):
+        size = (image_size, image_size)
+    else:
+        try:
+            size = tuple(int(s) for s in image_size)
+        except TypeError:
+            raise ValueError(
+                f"{setting} must be an int or a pair (H, W), got {image_size!r}"
+            ) from None
+        if len(size) != 2:
+            raise ValueError(f"{setting} must be an int or a pair (H, W), got {image_size!r}")
+    if min(size) < 1:
+        raise ValueError(f"{setting} must be positive, got {image_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def conv_out_size(size: int, kernel_size: int, stride: int, padding: int) -> int:
+    """Spatial output size of ``conv2d`` (dilation 1): ``floor((size + 2p - k) / s) + 1``."""
+    return (size + 2 * padding - kernel_size) // stride + 1
+
+
+def make_norm(kind: str, channels: int, groups: int = 8, setting: str = "norm") -> nn.Module:
+    """Normalisation layer over ``channels`` feature maps.
+
+    ``"batch"``: ``BatchNorm2d``; ``"group"``: ``GroupNorm`` with ``min(groups, channels)`` groups
+    (which must divide ``channels``); ``"none"``: identity.
+    """
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        g = min(groups, channels)
+        if channels % g != 0:
+            raise ValueError(
+                f"{setting}='group' with norm_groups={groups} does not divide {channels} channels; "
+                f"choose norm_groups dividing every stage's channel count"
+            )
+        return nn.GroupNorm(g, channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"{setting} must be one of {NORMS}, got {kind!r}")
+
+
+def make_activation(
+    kind: str, negative_slope: float = 0.2, setting: str = "activation"
+) -> nn.Module:
+    """``"none"`` (identity), ``"relu"``, ``"leaky_relu"`` (``negative_slope``) or ``"tanh"``."""
+    if kind == "none":
+        return nn.Identity()
+    if kind == "relu":
+        return nn.ReLU()
+    if kind == "leaky_relu":
+        return nn.LeakyReLU(negative_slope)
+    if kind == "tanh":
+        return nn.Tanh()
+    raise ValueError(f"{setting} must be one of {ACTIVATIONS}, got {kind!r}")
+
+
+def make_output_activation(
+    kind: str, setting: str = "model.decoder.output_activation"
+) -> nn.Module:
+    """Final image nonlinearity: ``"tanh"`` (images in ``(-1, 1)``), ``"hardtanh"`` (clamp to
+    ``[-1, 1]``) or ``"none"`` (unbounded)."""
+    layers = {"tanh": nn.Tanh, "hardtanh": nn.Hardtanh, "none": nn.Identity}
+    if kind not in layers:
+        raise ValueError(f"{setting} must be one of {OUTPUT_ACTIVATIONS}, got {kind!r}")
+    return layers[kind]()
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) scalar parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def add_noise(x: Tensor, noise_std: float, generator: torch.Generator | None = None) -> Tensor:
+    """Denoising corruption ``x + noise_std * ε``, ``ε ~ N(0, I)``, same shape as ``x``.
+
+    The denoising option, usable with any model: the training step corrupts the real images it
+    feeds to the encoder (never the reconstruction target, never the decoder's output ``X̂`` when
+    it is re-encoded), and only while training. ``noise_std`` is in the units of the images (range
+    ``[-1, 1]``); ``0`` returns ``x`` itself. No clamping: the corrupted input may leave
+    ``[-1, 1]`` slightly, as in the usual denoising autoencoder.
+    """
+    if noise_std < 0:
+        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+    if noise_std == 0:
+        return x
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x + noise_std * noise
+
+
+def _density(t: Tensor) -> Tensor:
+    """Fraction of non-zero entries of ``t`` as a detached 0-dim float tensor."""
+    t = t.detach()
+    return torch.count_nonzero(t).to(torch.float32) / max(t.numel(), 1)
+
+
+class ImageEncoder(nn.Module):
+    """Base class of the encoders: geometry, input check and densities.
+
+    Subclasses set ``self.stages`` (``nn.ModuleList``) and implement ``forward``.
+
+    Attributes:
+        in_channels: image channels ``C`` the model takes.
+        image_size: ``(H, W)`` the model takes.
+        feature_dim: output feature dimension ``d``.
+        normalize: whether features are projected onto the unit sphere.
+    """
+
+    def __init__(
+        self, in_channels: int, image_size: int | Sequence[int], feature_dim: int, normalize: bool
+    ) -> None:
+        super().__init__()
+        if in_channels < 1:
+            raise ValueError(f"in_channels (dataset.channels) must be >= 1, got {in_channels}")
+        if feature_dim < 1:
+            raise ValueError(f"feature_dim must be >= 1, got {feature_dim}")
+        self.in_channels = int(in_channels)
+        self.image_size = as_size(image_size, "image_size (dataset.image_size)")
+        self.feature_dim = int(feature_dim)
+        self.normalize = bool(normalize)
+        self._densities: list[Tensor | None] = []
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` is ``(N, in_channels, H, W)`` with ``(H, W) ==
+        image_size``; the message names the data setting and the model setting."""
+        name = type(self).__name__
+        if x.dim() != 4:
+            raise ValueError(
+                f"{name} expects a batch of images (N, C, H, W), got a tensor of shape "
+                f"{tuple(x.shape)}"
+            )
+        c, h, w = x.shape[1:]
+        if c != self.in_channels:
+            raise ValueError(
+                f"{name}: the images have {c} channels but the model was built for "
+                f"in_channels={self.in_channels}; make dataset.channels and the model's "
+                f"in_channels agree (expected {self.in_channels}, got {c})"
+            )
+        if (h, w) != self.image_size:
+            raise ValueError(
+                f"{name}: the images are {h}x{w} but the model was built for image_size="
+                f"{self.image_size[0]}x{self.image_size[1]}; make dataset.image_size and the "
+                f"model's image_size agree (expected {self.image_size[0]}x{self.image_size[1]}, "
+                f"got {h}x{w})"
+            )
+
+    def _finish(self, h: Tensor) -> Tensor:
+        return F.normalize(h, dim=1) if self.normalize else h
+
+    def densities(self) -> list[float | None]:
+        """Per stage, the fraction of non-zero entries of its output in the last forward (``None``
+        before any forward or for a stage that does not report one)."""
+        return [None if d is None else float(d) for d in self._densities]
+
+
+class ImageDecoder(nn.Module):
+    """Base class of the decoders: geometry, input check and densities.
+
+    Attributes:
+        out_channels: image channels ``C`` produced.
+        image_size: ``(H, W)`` produced.
+        feature_dim: input feature dimension ``d``.
+    """
+
+    def __init__(
+        self, out_channels: int, image_size: int | Sequence[int], feature_dim: int
+    ) -> None:
+        super().__init__()
+        if out_channels < 1:
+            raise ValueError(f"out_channels (dataset.channels) must be >= 1, got {out_channels}")
+        if feature_dim < 1:
+            raise ValueError(f"feature_dim must be >= 1, got {feature_dim}")
+        self.out_channels = int(out_channels)
+        self.image_size = as_size(image_size, "image_size (dataset.image_size)")
+        self.feature_dim = int(feature_dim)
+        self._densities: list[Tensor | None] = []
+
+    def check_input(self, z: Tensor) -> None:
+        """Raise ``ValueError`` unless ``z`` is ``(N, feature_dim)``."""
+        if z.dim() != 2 or z.shape[1] != self.feature_dim:
+            raise ValueError(
+                f"{type(self).__name__} expects features (N, {self.feature_dim}) "
+                f"(its feature_dim, which must equal the encoder's feature_dim), got a tensor of "
+                f"shape {tuple(z.shape)}"
+            )
+
+    def densities(self) -> list[float | None]:
+        """Per stage, the fraction of non-zero entries of its output in the last forward (``None``
+        before any forward or for a stage that does not report one)."""
+        return [None if d is None else float(d) for d in self._densities]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def downsample_sizes(size: int, n: int) -> list[int]:
+    """``[size, ceil(size/2), ceil(size/4), ...]`` of length ``n + 1``."""
+    out = [size]
+    for _ in range(n):
+        out.append(_ceil_div(out[-1], 2))
+    return out

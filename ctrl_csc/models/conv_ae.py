@@ -1,0 +1,198 @@
+"""Plain and sparse convolutional autoencoders (the non-CTRL baselines).
+
+:class:`ConvEncoder`: ``Conv(3, stride 2, pad 1) + norm + ReLU`` blocks (each halves the size,
+rounding up) → flatten → ``Linear`` → code ``(N, feature_dim)`` → optional ``code_activation`` →
+optional projection onto the unit sphere (off by default: an autoencoder's code is unnormalised).
+:class:`ConvDecoder`: ``Linear`` → reshape → ``ConvTranspose(3, 2, 1)`` blocks to the exact sizes →
+``tanh``.
+
+**Sparse autoencoder.** The same networks, trained with an ℓ1 penalty on the code. The penalty lives
+in the training step; the encoder exposes the code of its most recent forward as ``.last_code``
+(``(N, feature_dim)``, *before* unit-sphere normalisation, still attached to the autograd graph) —
+with ``normalize=False`` it is the very tensor ``forward`` returns — so the step adds
+``l1_weight * encoder.last_code.abs().mean()``. ``code_activation="relu"`` makes exact zeros and
+thus a meaningful density; :meth:`ConvEncoder.code_density` reports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from ._common import (
+    ImageDecoder,
+    ImageEncoder,
+    _density,
+    downsample_sizes,
+    make_activation,
+    make_norm,
+    make_output_activation,
+)
+
+__all__ = ["ConvEncoder", "ConvDecoder"]
+
+
+def _check_channels(channels: Sequence[int], setting: str) -> list[int]:
+    ch = [int(c) for c in channels]
+    if not ch or min(ch) < 1:
+        raise ValueError(f"{setting} must be a non-empty list of positive ints, got {channels!r}")
+    return ch
+
+
+class ConvEncoder(ImageEncoder):
+    """Convolutional encoder: ``(N, in_channels, H, W)`` → ``(N, feature_dim)``.
+
+    Args:
+        in_channels: image channels (``dataset.channels``).
+        image_size: ``H = W`` or ``(H, W)`` (``dataset.image_size``).
+        feature_dim: code dimension ``d``.
+        channels: width of each stride-2 block, first to last.
+        norm: normalisation in every block (``"batch" | "group" | "none"``).
+        norm_groups: groups of ``"group"`` norm.
+        activation: block nonlinearity (``"relu" | "leaky_relu" | ...``).
+        code_activation: nonlinearity on the code (``"none"`` or ``"relu"`` for exact zeros).
+        normalize: project the code onto the unit sphere (``False``: return the code itself).
+
+    Attributes:
+        stages: ``nn.ModuleList`` of the blocks.
+        last_code: the code ``(N, feature_dim)`` of the most recent forward, before normalisation
+            and with its graph (for the sparse autoencoder's ℓ1 penalty); ``None`` before any.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int | Sequence[int],
+        feature_dim: int = 128,
+        channels: Sequence[int] = (64, 128, 256),
+        norm: str = "batch",
+        norm_groups: int = 8,
+        activation: str = "relu",
+        code_activation: str = "none",
+        normalize: bool = False,
+    ) -> None:
+        super().__init__(in_channels, image_size, feature_dim, normalize)
+        ch = _check_channels(channels, "model.encoder.channels")
+        hs = downsample_sizes(self.image_size[0], len(ch))
+        ws = downsample_sizes(self.image_size[1], len(ch))
+        self.stages = nn.ModuleList()
+        c = self.in_channels
+        for c_out in ch:
+            self.stages.append(
+                nn.Sequential(
+                    nn.Conv2d(c, c_out, 3, 2, 1),
+                    make_norm(norm, c_out, norm_groups, "model.encoder.norm"),
+                    make_activation(activation, setting="model.encoder.activation"),
+                )
+            )
+            c = c_out
+        self.code_shape = (c, hs[-1], ws[-1])
+        self.projection = nn.Linear(c * hs[-1] * ws[-1], self.feature_dim)
+        self.code_act = make_activation(code_activation, setting="model.encoder.code_activation")
+        self.last_code: Tensor | None = None
+        self._code_density: Tensor | None = None
+
+    def _run(self, x: Tensor, codes: list[Tensor] | None) -> Tensor:
+        self.check_input(x)
+        dens = []
+        h = x
+        for block in self.stages:
+            h = block(h)
+            dens.append(_density(h))
+            if codes is not None:
+                codes.append(h)
+        self._densities = dens
+        code = self.code_act(self.projection(h.flatten(1)))
+        self.last_code = code
+        self._code_density = _density(code)
+        if codes is not None:
+            codes.append(code)
+        return self._finish(code)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, C, H, W)`` → ``(N, feature_dim)``: the code, or its unit-norm projection when
+        ``normalize``. Sets ``.last_code``."""
+        return self._run(x, None)
+
+    def encode_codes(self, x: Tensor) -> list[Tensor]:
+        """Every block's output ``(N, C_i, H_i, W_i)``, first block first, then the code
+        ``(N, feature_dim)``."""
+        codes: list[Tensor] = []
+        self._run(x, codes)
+        return codes
+
+    def code_density(self) -> float | None:
+        """Fraction of non-zero entries of the code in the last forward."""
+        return None if self._code_density is None else float(self._code_density)
+
+
+class ConvDecoder(ImageDecoder):
+    """Convolutional decoder: ``(N, feature_dim)`` → ``(N, out_channels, H, W)``.
+
+    Args:
+        out_channels: image channels (``dataset.channels``).
+        image_size: ``H = W`` or ``(H, W)`` (``dataset.image_size``).
+        feature_dim: code dimension ``d``.
+        channels: widths coarse to fine; the projection is reshaped to ``channels[0]`` maps and
+            each of the ``len(channels)`` stride-2 transposed convolutions outputs the next width
+            (the last one the image channels). Mirror the encoder with its list reversed.
+        norm: normalisation after the projection and every block but the last.
+        norm_groups: groups of ``"group"`` norm.
+        activation: nonlinearity after the projection and every block but the last.
+        output_activation: ``"tanh" | "hardtanh" | "none"``.
+
+    Attributes:
+        stages: ``nn.ModuleList`` of the transposed convolutions, coarse to fine.
+    """
+
+    def __init__(
+        self,
+        out_channels: int,
+        image_size: int | Sequence[int],
+        feature_dim: int = 128,
+        channels: Sequence[int] = (256, 128, 64),
+        norm: str = "batch",
+        norm_groups: int = 8,
+        activation: str = "relu",
+        output_activation: str = "tanh",
+    ) -> None:
+        super().__init__(out_channels, image_size, feature_dim)
+        ch = _check_channels(channels, "model.decoder.channels")
+        n = len(ch)
+        hs = downsample_sizes(self.image_size[0], n)
+        ws = downsample_sizes(self.image_size[1], n)
+        self.code_shape = (ch[0], hs[-1], ws[-1])
+        self.out_sizes = [(hs[k], ws[k]) for k in range(n - 1, -1, -1)]
+        self.projection = nn.Linear(self.feature_dim, ch[0] * hs[-1] * ws[-1])
+        self.projection_post = nn.Sequential(
+            make_norm(norm, ch[0], norm_groups, "model.decoder.norm"),
+            make_activation(activation, setting="model.decoder.activation"),
+        )
+        self.stages = nn.ModuleList()
+        self.posts = nn.ModuleList()
+        for j in range(n):
+            last = j == n - 1
+            c_out = self.out_channels if last else ch[j + 1]
+            self.stages.append(nn.ConvTranspose2d(ch[j], c_out, 3, 2, 1))
+            self.posts.append(
+                make_output_activation(output_activation)
+                if last
+                else nn.Sequential(
+                    make_norm(norm, c_out, norm_groups, "model.decoder.norm"),
+                    make_activation(activation, setting="model.decoder.activation"),
+                )
+            )
+
+    def forward(self, z: Tensor) -> Tensor:
+        """``(N, feature_dim)`` → ``(N, C, H, W)`` in ``[-1, 1]`` (unless
+        ``output_activation="none"``)."""
+        self.check_input(z)
+        h = self.projection_post(self.projection(z).view(z.shape[0], *self.code_shape))
+        dens: list[Tensor | None] = []
+        for conv, post, size in zip(self.stages, self.posts, self.out_sizes):
+            h = post(conv(h, output_size=list(size)))
+            dens.append(_density(h))
+        dens[-1] = None  # the last "stage output" is the image
+        self._densities = dens
+        return h

@@ -1,0 +1,290 @@
+"""CSC-CTRL encoder and decoder: stacks of convolutional-sparse-coding stages.
+
+Encoder ``f`` (DESIGN §2): image ``(N, C, H, W)`` → CSC stages (each an unrolled ISTA/FISTA solver
+of a convolutional Lasso, :class:`ctrl_csc.nn.CSCLayer`; stride 1 or 2; optional normalisation
+between stages) → flatten → ``Linear`` → ``(N, d)`` → normalised onto the unit sphere.
+
+Decoder ``g``: ``(N, d)`` → ``Linear`` → reshape to the first decoder stage's code
+``(N, C_0, h_0, w_0)`` → sparse-deconvolution stages (:class:`ctrl_csc.nn.SparseDeconvLayer`,
+``synthesis`` or ``inverse_csc``, each upsampling by its stride to an exact ``output_size``) →
+``tanh`` → image ``(N, C, H, W)`` in ``[-1, 1]``.
+
+All spatial sizes are computed from ``image_size`` and the stage geometry at construction, so one
+stage list serves e.g. both 28 and 32 px; an image size the stages cannot take (a code would shrink
+below 1x1) is reported then, naming ``dataset.image_size``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from ._common import (
+    ImageDecoder,
+    ImageEncoder,
+    conv_out_size,
+    make_activation,
+    make_norm,
+    make_output_activation,
+)
+from .specs import CSCStageSpec, DeconvStageSpec, parse_stages
+
+__all__ = ["CSCEncoder", "CSCDecoder"]
+
+
+def _stage_size(
+    size: tuple[int, int], spec: CSCStageSpec | DeconvStageSpec, where: str, image_size: Any
+) -> tuple[int, int]:
+    """Code size after a conv2d-arithmetic stage; ``ValueError`` if it falls below 1x1."""
+    p = spec.kernel_size // 2 if spec.padding is None else spec.padding
+    out = tuple(conv_out_size(s, spec.kernel_size, spec.stride, p) for s in size)
+    if min(out) < 1:
+        raise ValueError(
+            f"dataset.image_size={image_size} is too small for this model: {where} "
+            f"(kernel_size={spec.kernel_size}, stride={spec.stride}, padding={p}) would turn a "
+            f"{size[0]}x{size[1]} input into {out[0]}x{out[1]}; use a larger image size or a "
+            f"model config with fewer strided stages"
+        )
+    return out  # type: ignore[return-value]
+
+
+def _build(where: str, cls: type[nn.Module], **kwargs: Any) -> nn.Module:
+    """``cls(**kwargs)`` with a ``ValueError`` from the layer prefixed by the stage's setting."""
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+class CSCEncoder(ImageEncoder):
+    """CSC-CTRL encoder ``f``: images ``(N, in_channels, H, W)`` → features ``(N, feature_dim)``.
+
+    Args:
+        in_channels: image channels ``C`` (``dataset.channels``).
+        image_size: image side ``H = W`` or ``(H, W)`` (``dataset.image_size``).
+        stages: CSC stages, first to last, as mappings or :class:`CSCStageSpec` (keys: see
+            there). Stage ``i`` maps ``(N, C_{i-1}, H_{i-1}, W_{i-1})`` to
+            ``(N, out_channels_i, H_i, W_i)``.
+        feature_dim: feature dimension ``d``.
+        norm: default normalisation after every stage: ``"batch" | "group" | "none"`` (a stage's
+            own ``norm`` overrides it).
+        norm_groups: groups of ``"group"`` norm.
+        negative_slope: slope of ``"leaky_relu"`` stage activations.
+        normalize: project the features onto the unit sphere (``F.normalize``); ``False`` returns
+            the raw ``Linear`` output (e.g. for an autoencoder).
+        stage_defaults: keys merged into every mapping in ``stages`` (a stage's own keys win),
+            e.g. ``{lmbda: 0.1, n_iter: 2}``.
+
+    Attributes:
+        stages: ``nn.ModuleList`` of :class:`ctrl_csc.nn.CSCLayer` (the dictionaries are their
+            ``.weight``, shape ``(out_channels, in_channels, k, k)``).
+        specs: the parsed :class:`CSCStageSpec` list.
+        code_sizes: ``[(H_i, W_i)]`` of every stage's code.
+        code_shape: ``(C_last, H_last, W_last)`` of the last code.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int | Sequence[int],
+        stages: Sequence[Mapping[str, Any] | CSCStageSpec],
+        feature_dim: int = 128,
+        norm: str = "batch",
+        norm_groups: int = 8,
+        negative_slope: float = 0.2,
+        normalize: bool = True,
+        stage_defaults: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(in_channels, image_size, feature_dim, normalize)
+        from ctrl_csc.nn import CSCLayer
+
+        self.specs = parse_stages(stages, CSCStageSpec, "model.encoder.stages", stage_defaults)
+        self.stages = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        self.activations = nn.ModuleList()
+        self.code_sizes: list[tuple[int, int]] = []
+        c, size = self.in_channels, self.image_size
+        for i, spec in enumerate(self.specs):
+            where = f"model.encoder.stages[{i}]"
+            size = _stage_size(size, spec, where, image_size)
+            self.stages.append(_build(where, CSCLayer, in_channels=c, **spec.layer_kwargs()))
+            self.norms.append(
+                make_norm(
+                    norm if spec.norm is None else spec.norm,
+                    spec.out_channels,
+                    norm_groups,
+                    f"{where}.norm",
+                )
+            )
+            self.activations.append(
+                make_activation(spec.activation, negative_slope, f"{where}.activation")
+            )
+            self.code_sizes.append(size)
+            c = spec.out_channels
+        self.code_shape = (c, *size)
+        self.projection = nn.Linear(c * size[0] * size[1], self.feature_dim)
+
+    def _run(self, x: Tensor, codes: list[Tensor] | None) -> Tensor:
+        self.check_input(x)
+        h = x
+        for layer, norm, act in zip(self.stages, self.norms, self.activations):
+            z = layer(h)
+            if codes is not None:
+                codes.append(z)
+            h = act(norm(z))
+        return self._finish(self.projection(h.flatten(1)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` ``(N, C, H, W)`` in ``[-1, 1]`` → features ``(N, feature_dim)`` (unit norm when
+        ``normalize``)."""
+        return self._run(x, None)
+
+    def encode_codes(self, x: Tensor) -> list[Tensor]:
+        """Per-stage sparse codes of ``x``: a list of ``(N, out_channels_i, H_i, W_i)`` tensors
+        (the solver outputs, before ``norm``/``activation``), first stage first."""
+        codes: list[Tensor] = []
+        self._run(x, codes)
+        return codes
+
+    def densities(self) -> list[float | None]:
+        """Per stage, the fraction of non-zeros of its code in the last forward (``None`` before
+        any forward)."""
+        out: list[float | None] = []
+        for layer in self.stages:
+            d = layer.density()
+            out.append(None if d is None else float(d))
+        return out
+
+
+class CSCDecoder(ImageDecoder):
+    """CSC-CTRL decoder ``g``: features ``(N, feature_dim)`` → images ``(N, out_channels, H, W)``.
+
+    Args:
+        out_channels: image channels ``C`` (``dataset.channels``).
+        image_size: image side ``H = W`` or ``(H, W)`` (``dataset.image_size``).
+        stages: sparse-deconvolution stages in the order applied (coarse to fine), as mappings or
+            :class:`DeconvStageSpec`. Stage ``j`` maps ``in_channels_j`` channels to
+            ``in_channels_{j+1}`` (the last one to ``out_channels``), upsampling by its stride;
+            mirror the encoder by listing its stages in reverse with ``in_channels`` = the encoder
+            stage's ``out_channels`` and the same kernel/stride, so every size matches.
+        feature_dim: feature dimension ``d``.
+        norm: default normalisation after the projection and after every stage but the last
+            (``"batch" | "group" | "none"``; a stage's own ``norm`` overrides it).
+        norm_groups: groups of ``"group"`` norm.
+        negative_slope: slope of ``"leaky_relu"`` activations.
+        projection_activation: nonlinearity after the projection's norm (``"relu"`` by default:
+            the first stage then reads a non-negative code, like the encoder's).
+        output_activation: ``"tanh"`` (images in ``(-1, 1)``), ``"hardtanh"`` (clamp to
+            ``[-1, 1]``) or ``"none"`` (unbounded).
+        stage_defaults: keys merged into every mapping in ``stages`` (a stage's own keys win),
+            e.g. ``{kind: inverse_csc, lmbda: 0.1}``.
+
+    Attributes:
+        stages: ``nn.ModuleList`` of :class:`ctrl_csc.nn.SparseDeconvLayer`.
+        specs: the parsed :class:`DeconvStageSpec` list.
+        out_sizes: ``[(H_j, W_j)]`` each stage outputs (the last is ``image_size``).
+        code_shape: ``(C_0, h_0, w_0)`` the projection is reshaped to.
+    """
+
+    def __init__(
+        self,
+        out_channels: int,
+        image_size: int | Sequence[int],
+        stages: Sequence[Mapping[str, Any] | DeconvStageSpec],
+        feature_dim: int = 128,
+        norm: str = "batch",
+        norm_groups: int = 8,
+        negative_slope: float = 0.2,
+        projection_activation: str = "relu",
+        output_activation: str = "tanh",
+        stage_defaults: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(out_channels, image_size, feature_dim)
+        from ctrl_csc.nn import SparseDeconvLayer
+
+        self.specs = parse_stages(stages, DeconvStageSpec, "model.decoder.stages", stage_defaults)
+        final_act = make_output_activation(output_activation)
+        n = len(self.specs)
+        # Sizes, fine to coarse: the input of stage j is what conv2d arithmetic makes of its output.
+        self.out_sizes: list[tuple[int, int]] = [self.image_size] * n
+        size = self.image_size
+        for j in range(n - 1, -1, -1):
+            self.out_sizes[j] = size
+            size = _stage_size(size, self.specs[j], f"model.decoder.stages[{j}]", image_size)
+        c0 = self.specs[0].in_channels
+        self.code_shape = (c0, *size)
+        self.projection = nn.Linear(self.feature_dim, c0 * size[0] * size[1])
+        self.projection_norm = make_norm(norm, c0, norm_groups, "model.decoder.norm")
+        self.projection_act = make_activation(
+            projection_activation, negative_slope, "model.decoder.projection_activation"
+        )
+        self.stages = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        self.activations = nn.ModuleList()
+        for j, spec in enumerate(self.specs):
+            where = f"model.decoder.stages[{j}]"
+            last = j == n - 1
+            c_out = self.out_channels if last else self.specs[j + 1].in_channels
+            self.stages.append(
+                _build(
+                    where,
+                    SparseDeconvLayer,
+                    in_channels=spec.in_channels,
+                    out_channels=c_out,
+                    **spec.layer_kwargs(),
+                )
+            )
+            if last:
+                self.norms.append(nn.Identity())
+                self.activations.append(final_act)
+            else:
+                self.norms.append(
+                    make_norm(
+                        norm if spec.norm is None else spec.norm,
+                        c_out,
+                        norm_groups,
+                        f"{where}.norm",
+                    )
+                )
+                self.activations.append(
+                    make_activation(
+                        spec.resolved_activation(), negative_slope, f"{where}.activation"
+                    )
+                )
+        self.output_activation = output_activation
+
+    def _run(self, z: Tensor, outs: list[Tensor] | None) -> Tensor:
+        self.check_input(z)
+        h = self.projection(z).view(z.shape[0], *self.code_shape)
+        h = self.projection_act(self.projection_norm(h))
+        for layer, norm, act, size in zip(
+            self.stages, self.norms, self.activations, self.out_sizes
+        ):
+            v = layer(h, output_size=size)
+            if outs is not None:
+                outs.append(v)
+            h = act(norm(v))
+        return h
+
+    def forward(self, z: Tensor) -> Tensor:
+        """``z`` ``(N, feature_dim)`` → images ``(N, out_channels, H, W)`` (in ``[-1, 1]`` unless
+        ``output_activation="none"``)."""
+        return self._run(z, None)
+
+    def decode_codes(self, z: Tensor) -> list[Tensor]:
+        """Every stage's raw output for features ``z``: ``(N, C_j, H_j, W_j)``, coarse to fine (the
+        last is the image before the output activation)."""
+        outs: list[Tensor] = []
+        self._run(z, outs)
+        return outs
+
+    def densities(self) -> list[float | None]:
+        """Per stage, the fraction of non-zeros of its last output (``inverse_csc`` stages) or
+        ``None`` (``synthesis`` stages, or before any forward)."""
+        out: list[float | None] = []
+        for layer in self.stages:
+            d = layer.density()
+            out.append(None if d is None else float(d))
+        return out

@@ -1,0 +1,386 @@
+"""Every model config builds, round-trips shapes and ranges, and reports what it should.
+
+Each ``conf/model/*.yaml`` is loaded with omegaconf, given the ``dataset`` keys its header states
+("# Parameters (at S px, C channels): ..."), instantiated with ``hydra.utils.instantiate`` and run
+once forward and backward at batch 2; the tests below read that one run.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ctrl_csc.models import (
+    Autoencoder,
+    ConvDecoder,
+    ConvEncoder,
+    CSCDecoder,
+    CSCEncoder,
+    CSCStageSpec,
+    DCGANDecoder,
+    DCGANEncoder,
+    ResNetDecoder,
+    ResNetEncoder,
+    add_noise,
+    count_parameters,
+)
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+CONFIGS = sorted(p.stem for p in CONF.glob("*.yaml"))
+HEADER = re.compile(
+    r"^# Parameters \(at (\d+) px, (\d+) channels?\): ([\d,]+) = encoder ([\d,]+) \+ "
+    r"decoder ([\d,]+)\.$",
+    re.MULTILINE,
+)
+# Extra geometries a config must also take (28 px grey MNIST for the 32 px configs).
+EXTRA = [
+    ("csc_ctrl_32", 1, 28),
+    ("dcgan_ctrl_32", 1, 28),
+    ("csc_ctrl_tiny", 1, 28),
+    ("csc_ctrl_tiny", 3, 32),
+]
+BATCH = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small convolutions on a shared 2-core machine run far faster on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _int(s: str) -> int:
+    return int(s.replace(",", ""))
+
+
+def header(name: str) -> re.Match:
+    m = HEADER.search((CONF / f"{name}.yaml").read_text())
+    assert m, f"conf/model/{name}.yaml lacks the '# Parameters (at S px, C channels): ...' header"
+    return m
+
+
+def build(name: str, channels: int, image_size: int):
+    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    root = OmegaConf.create({"dataset": {"channels": channels, "image_size": image_size}})
+    root.model = cfg
+    return root.model, instantiate(root.model.encoder), instantiate(root.model.decoder)
+
+
+def _nn_layers():
+    from ctrl_csc.nn import CSCLayer, SparseDeconvLayer
+
+    return CSCLayer, SparseDeconvLayer
+
+
+def _cases():
+    for name in CONFIGS:
+        m = HEADER.search((CONF / f"{name}.yaml").read_text())
+        c, s = (int(m.group(2)), int(m.group(1))) if m else (3, 32)
+        yield pytest.param((name, c, s), id=f"{name}-{s}px-{c}ch")
+    for name, c, s in EXTRA:
+        yield pytest.param((name, c, s), id=f"{name}-{s}px-{c}ch")
+
+
+@pytest.fixture(scope="module", params=list(_cases()))
+def run(request):
+    """Build a config and run it once in train mode: ``z = f(x)``, ``x̂ = g(z)``, then backward
+    of a random projection of both."""
+    name, c, s = request.param
+    torch.manual_seed(0)
+    cfg, enc, dec = build(name, c, s)
+    x = torch.rand(BATCH, c, s, s) * 2 - 1
+    z = enc(x)
+    xh = dec(z)
+    (z * torch.randn_like(z)).sum().add((xh * torch.randn_like(xh)).sum()).backward()
+    return {
+        "name": name, "channels": c, "size": s, "cfg": cfg, "enc": enc, "dec": dec,
+        "x": x, "z": z.detach(), "xh": xh.detach(),
+        "enc_dens": enc.densities(), "dec_dens": dec.densities(),
+    }  # fmt: skip
+
+
+def test_config_keys(run):
+    cfg = run["cfg"]
+    assert cfg.name == run["name"]
+    assert cfg.family in ("ctrl", "autoencoder")
+    assert cfg.encoder.feature_dim == 128 and cfg.decoder.feature_dim == 128
+    raw = OmegaConf.to_container(OmegaConf.load(CONF / f"{run['name']}.yaml"), resolve=False)
+    assert raw["encoder"]["in_channels"] == "${dataset.channels}"
+    assert raw["encoder"]["image_size"] == "${dataset.image_size}"
+    assert raw["decoder"]["out_channels"] == "${dataset.channels}"
+    assert raw["decoder"]["image_size"] == "${dataset.image_size}"
+
+
+def test_header_states_the_parameter_count(run):
+    m = header(run["name"])
+    if (int(m.group(2)), int(m.group(1))) != (run["channels"], run["size"]):
+        pytest.skip("the header counts another geometry")
+    ne, nd = count_parameters(run["enc"]), count_parameters(run["dec"])
+    assert (_int(m.group(3)), _int(m.group(4)), _int(m.group(5))) == (ne + nd, ne, nd)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_header_names_a_comparable_model(name):
+    """Baselines and CSC-CTRL models of one resolution cite each other with counts within 10%."""
+    text = (CONF / f"{name}.yaml").read_text()
+    refs = re.findall(
+        r"^# (?:Baseline of the same size|CSC-CTRL of the same resolution): (\w+) "
+        r"\(([\d,]+) parameters\)\.$",
+        text,
+        re.MULTILINE,
+    )
+    if name.startswith("csc_ctrl_") and name != "csc_ctrl_tiny":
+        assert refs, f"{name} names no baseline of the same size"
+    for other, count in refs:
+        assert _int(count) == _int(header(other).group(3)), f"{name} quotes {other} wrongly"
+        ratio = _int(header(name).group(3)) / _int(count)
+        assert 0.9 < ratio < 1.1, f"{name} vs {other}: {ratio:.2f}"
+
+
+def test_model_level_lmbda_reaches_every_stage():
+    cfg = OmegaConf.load(CONF / "csc_ctrl_tiny.yaml")
+    root = OmegaConf.create({"dataset": {"channels": 1, "image_size": 28}})
+    root.model = cfg
+    root.model.lmbda = 0.03
+    root.model.n_iter = 3
+    enc, dec = instantiate(root.model.encoder), instantiate(root.model.decoder)
+    for spec in [*enc.specs, *dec.specs]:
+        assert (spec.lmbda, spec.n_iter) == (0.03, 3)
+    assert [layer.lmbda for layer in enc.stages] == [0.03] * len(enc.stages)
+
+
+def test_shapes_and_ranges(run):
+    z, xh, x = run["z"], run["xh"], run["x"]
+    assert z.shape == (BATCH, 128)
+    assert torch.isfinite(z).all() and torch.isfinite(xh).all()
+    if run["cfg"].family == "ctrl":
+        torch.testing.assert_close(z.norm(dim=1), torch.ones(BATCH))
+    assert xh.shape == x.shape
+    assert xh.min() >= -1 and xh.max() <= 1
+
+
+def test_gradients_reach_every_parameter(run):
+    params = list(run["enc"].named_parameters()) + list(run["dec"].named_parameters())
+    missing = [n for n, p in params if p.grad is None or not torch.any(p.grad != 0)]
+    assert not missing, f"no gradient reaches {missing}"
+
+
+def test_gradients_reach_every_dictionary(run):
+    CSCLayer, SparseDeconvLayer = _nn_layers()
+    layers = [
+        m
+        for net in (run["enc"], run["dec"])
+        for m in net.modules()
+        if isinstance(m, (CSCLayer, SparseDeconvLayer))
+    ]
+    if not isinstance(run["enc"], CSCEncoder):
+        assert not layers
+        pytest.skip("not a CSC model")
+    assert len(layers) == len(run["enc"].stages) + len(run["dec"].stages)
+    for layer in layers:
+        assert layer.weight.grad is not None and torch.any(layer.weight.grad != 0)
+
+
+def test_densities(run):
+    enc, dec = run["enc"], run["dec"]
+    assert len(run["enc_dens"]) == len(enc.stages)
+    assert len(run["dec_dens"]) == len(dec.stages)
+    for d in run["enc_dens"] + run["dec_dens"]:
+        assert d is None or (isinstance(d, float) and 0.0 <= d <= 1.0)
+    if isinstance(enc, CSCEncoder):
+        assert all(d is not None for d in run["enc_dens"])
+        for spec, d in zip(dec.specs, run["dec_dens"]):
+            assert (d is None) == (spec.kind == "synthesis")
+
+
+def test_codes_nonnegative_where_configured(run):
+    enc, dec = run["enc"], run["dec"]
+    if not isinstance(enc, CSCEncoder):
+        codes = enc.encode_codes(run["x"])
+        assert len(codes) >= len(enc.stages)
+        pytest.skip("not a CSC model")
+    with torch.no_grad():
+        codes = enc.encode_codes(run["x"])
+        outs = dec.decode_codes(run["z"])
+    assert [tuple(c.shape[1:]) for c in codes] == [
+        (s.out_channels, *hw) for s, hw in zip(enc.specs, enc.code_sizes)
+    ]
+    for spec, code in zip(enc.specs, codes):
+        if spec.nonnegative:
+            assert code.min() >= 0
+    for spec, out in zip(dec.specs, outs):
+        if spec.kind == "inverse_csc" and spec.nonnegative:
+            assert out.min() >= 0
+
+
+def test_decoder_mirrors_encoder_sizes(run):
+    enc, dec = run["enc"], run["dec"]
+    assert dec.code_shape[1:] == enc.code_shape[1:]
+    if isinstance(enc, CSCEncoder):
+        assert dec.code_shape == enc.code_shape
+        assert dec.out_sizes == [*enc.code_sizes[-2::-1], (run["size"], run["size"])]
+
+
+def test_wrong_input_is_reported(run):
+    enc, dec, c, s = run["enc"], run["dec"], run["channels"], run["size"]
+    with pytest.raises(ValueError, match=rf"dataset\.channels.*expected {c}, got {c + 1}"):
+        enc(torch.zeros(1, c + 1, s, s))
+    t = s + 4
+    with pytest.raises(ValueError, match=rf"dataset\.image_size.*expected {s}x{s}, got {t}x{t}"):
+        enc(torch.zeros(1, c, t, t))
+    with pytest.raises(ValueError, match="feature_dim"):
+        dec(torch.zeros(1, 64))
+
+
+# ----------------------------------------------------------------- construction and options
+
+
+def test_image_too_small_is_reported_at_construction():
+    stages = [{"out_channels": 4, "kernel_size": 5, "padding": 0}]
+    with pytest.raises(ValueError, match=r"dataset\.image_size=4 .*stages\[0\]"):
+        CSCEncoder(1, 4, stages)
+    with pytest.raises(ValueError, match=r"dataset\.image_size=4 .*stages\[0\]"):
+        CSCDecoder(1, 4, [{"in_channels": 4, "kernel_size": 5, "padding": 0}])
+    with pytest.raises(ValueError, match=r"dataset\.image_size=4x4 .*num_down"):
+        DCGANEncoder(1, 4, num_down=3)
+
+
+@pytest.mark.parametrize(
+    ("stages", "match"),
+    [
+        ([], "non-empty"),
+        ([{"out_channels": 4, "lambda": 0.1}], r"stages\[0\]: unknown keys \['lambda'\]"),
+        ([{"stride": 2}], r"stages\[0\].*out_channels"),
+        ([{"out_channels": 4}, {"out_channels": 4, "algorithm": "admm"}], r"stages\[1\]\.algo"),
+        ([{"out_channels": 4, "norm": "layer"}], r"stages\[0\]\.norm"),
+    ],
+)
+def test_bad_stage_specs_are_reported(stages, match):
+    with pytest.raises(ValueError, match=match):
+        CSCEncoder(1, 8, stages)
+
+
+def test_bad_decoder_kind_and_defaults():
+    with pytest.raises(ValueError, match=r"decoder\.stages\[0\]\.kind"):
+        CSCDecoder(1, 8, [{"in_channels": 4, "kind": "deconv"}])
+    with pytest.raises(ValueError, match=r"stage_defaults: unknown keys \['iters'\]"):
+        CSCDecoder(1, 8, [{"in_channels": 4}], stage_defaults={"iters": 3})
+    with pytest.raises(ValueError, match="output_activation"):
+        CSCDecoder(1, 8, [{"in_channels": 4}], output_activation="sigmoid")
+    with pytest.raises(ValueError, match=r"decoder\.stages\[0\]: SparseDeconvLayer.*learn_lmbda"):
+        CSCDecoder(1, 8, [{"in_channels": 4, "kind": "synthesis", "learn_lmbda": True}])
+
+
+def test_stage_specs_as_dataclasses_and_defaults():
+    enc = CSCEncoder(
+        1,
+        8,
+        [CSCStageSpec(out_channels=4, stride=2), {"out_channels": 6, "n_iter": 3}],
+        feature_dim=5,
+        norm="group",
+        norm_groups=2,
+        stage_defaults={"lmbda": 0.05, "n_iter": 1},
+    )
+    assert enc.specs[0].lmbda == 0.1  # dataclass stages are taken as given
+    assert (enc.specs[1].lmbda, enc.specs[1].n_iter) == (0.05, 3)
+    assert isinstance(enc.norms[0], torch.nn.GroupNorm)
+    assert enc.code_shape == (6, 4, 4)
+    z = enc(torch.rand(3, 1, 8, 8))
+    assert z.shape == (3, 5)
+
+
+def test_non_square_images():
+    enc = CSCEncoder(2, (12, 20), [{"out_channels": 4, "stride": 2}], feature_dim=8)
+    dec = CSCDecoder(2, (12, 20), [{"in_channels": 4, "stride": 2}], feature_dim=8)
+    xh = dec(enc(torch.rand(2, 2, 12, 20)))
+    assert xh.shape == (2, 2, 12, 20)
+
+
+def test_encoder_unnormalised_and_synthesis_decoder_activation():
+    enc = CSCEncoder(1, 8, [{"out_channels": 4}], feature_dim=6, normalize=False)
+    z = enc(torch.rand(4, 1, 8, 8))
+    assert not torch.allclose(z.norm(dim=1), torch.ones(4))
+    dec = CSCDecoder(
+        1, 8, [{"in_channels": 4, "kind": "synthesis"}, {"in_channels": 3}], feature_dim=6
+    )
+    assert isinstance(dec.activations[0], torch.nn.ReLU)  # "auto" after a synthesis stage
+    assert dec(z).shape == (4, 1, 8, 8)
+
+
+@pytest.mark.parametrize("size", [27, 28, 31, 32, 33])
+def test_baselines_take_any_size(size):
+    pairs = [
+        (DCGANEncoder(1, size, base_channels=4), DCGANDecoder(1, size, base_channels=4)),
+        (
+            ResNetEncoder(1, size, base_channels=4, channel_mults=(1, 2)),
+            ResNetDecoder(1, size, base_channels=4, channel_mults=(1, 2)),
+        ),
+        (ConvEncoder(1, size, channels=(4, 8)), ConvDecoder(1, size, channels=(8, 4))),
+    ]
+    for enc, dec in pairs:
+        assert dec(enc(torch.rand(2, 1, size, size))).shape == (2, 1, size, size)
+
+
+def test_sparse_autoencoder_exposes_its_code():
+    enc = ConvEncoder(1, 8, feature_dim=16, channels=(4,), code_activation="relu")
+    dec = ConvDecoder(1, 8, feature_dim=16, channels=(4,))
+    z = enc(torch.rand(5, 1, 8, 8))
+    assert enc.last_code is z  # normalize=False: the returned features are the code
+    assert (z >= 0).all() and 0.0 <= enc.code_density() <= 1.0
+    (dec(z).square().mean() + 1e-3 * enc.last_code.abs().mean()).backward()
+    assert enc.projection.weight.grad is not None
+    enc_n = ConvEncoder(1, 8, feature_dim=16, channels=(4,), normalize=True)
+    zn = enc_n(torch.rand(5, 1, 8, 8))
+    torch.testing.assert_close(zn, torch.nn.functional.normalize(enc_n.last_code, dim=1))
+
+
+def test_add_noise_and_denoising_autoencoder():
+    x = torch.zeros(4, 1, 8, 8)
+    assert add_noise(x, 0.0) is x
+    g = torch.Generator().manual_seed(1)
+    n = add_noise(x, 0.5, generator=g)
+    assert n.shape == x.shape and 0.3 < n.std() < 0.7
+    with pytest.raises(ValueError, match="noise_std"):
+        add_noise(x, -1.0)
+    seen = []
+    enc = ConvEncoder(1, 8, feature_dim=4, channels=(2,))
+    enc.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    ae = Autoencoder(enc, ConvDecoder(1, 8, feature_dim=4, channels=(2,)), noise_std=0.1)
+    z, xh = ae(x)
+    assert z.shape == (4, 4) and xh.shape == x.shape and seen[-1].abs().sum() > 0  # noisy
+    ae.eval()
+    ae(x)
+    assert seen[-1].abs().sum() == 0  # no noise in eval mode
+
+
+def test_tiny_config_learns_to_reconstruct():
+    """The quickstart model, trained as a plain autoencoder for a few steps, fits a small batch."""
+    torch.manual_seed(0)
+    _, enc, dec = build("csc_ctrl_tiny", 1, 28)
+    grid = torch.linspace(-1, 1, 28)
+    yy, xx = torch.meshgrid(grid, grid, indexing="ij")
+    centres = torch.rand(8, 2, 1, 1) * 1.2 - 0.6
+    blobs = torch.exp(-((xx - centres[:, :1]) ** 2 + (yy - centres[:, 1:]) ** 2) / 0.1)
+    x = 2 * blobs - 1  # (8, 1, 28, 28) in [-1, 1]
+    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = (dec(enc(x)) - x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    enc.eval()
+    dec.eval()
+    with torch.no_grad():
+        z1, z2 = enc(x), enc(x)
+    torch.testing.assert_close(z1, z2)  # eval mode is deterministic
+    assert dec(z1).shape == x.shape
