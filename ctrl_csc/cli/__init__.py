@@ -1,0 +1,1 @@
+"""Thin Hydra entry points (``ctrl-csc-train``, ``ctrl-csc-eval``)."""

@@ -1,0 +1,104 @@
+"""What both Hydra entry points share: where the configs live and how objects are built."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("ctrl_csc")
+
+__all__ = [
+    "config_dir",
+    "build_models",
+    "build_datasets",
+    "check_data_fits_model",
+    "seed_all",
+    "to_container",
+    "check_writable",
+]
+
+
+def config_dir() -> str:
+    """``conf/`` of a source checkout or editable install, else the copy shipped in the wheel."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[2] / "conf", here.parents[1] / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(
+        "ctrl_csc's configuration folder (conf/) was not found next to the "
+        "package; reinstall ctrl_csc"
+    )
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved configuration as plain dicts/lists/scalars (what checkpoints store)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+def build_models(
+    model_cfg: DictConfig | dict, device: torch.device | str = "cpu"
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``(encoder, decoder)`` from a model config (its ``encoder``/``decoder`` ``_target_`` s)."""
+    cfg = OmegaConf.create(model_cfg) if isinstance(model_cfg, dict) else model_cfg
+    for part in ("encoder", "decoder"):
+        if part not in cfg:
+            raise ValueError(f"the model config has no `{part}` entry (model={cfg.get('name')})")
+    return instantiate(cfg.encoder).to(device), instantiate(cfg.decoder).to(device)
+
+
+def build_datasets(dataset_cfg: DictConfig, splits: tuple[str, ...] = ("train", "test")):
+    return tuple(instantiate(dataset_cfg, split=s) for s in splits)
+
+
+def check_data_fits_model(
+    dataset, encoder: torch.nn.Module, dataset_cfg: DictConfig, model_name: str
+) -> None:
+    """Report an image size or channel count the model cannot take before any training."""
+    x, _ = dataset[0]
+    want_c = getattr(encoder, "in_channels", None)
+    want_s = getattr(encoder, "image_size", None)
+    got_c, got_s = x.shape[0], tuple(x.shape[1:])
+    if want_c is not None and want_c != got_c:
+        raise ValueError(
+            f"dataset={dataset_cfg.name} gives {got_c}-channel images but "
+            f"model={model_name} expects {want_c} channels: set dataset.channels / "
+            "model.encoder.in_channels to agree (or pick another model)"
+        )
+    if want_s is not None:
+        want = (want_s, want_s) if isinstance(want_s, int) else tuple(want_s)
+        if want != got_s:
+            raise ValueError(
+                f"dataset={dataset_cfg.name} gives {got_s[0]}x{got_s[1]} images but "
+                f"model={model_name} is built for {want[0]}x{want[1]}: set "
+                "dataset.image_size to the model's size or pick the model of that "
+                "resolution"
+            )
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(
+            f"the run directory {str(path)!r} is not writable ({e.strerror}); "
+            "choose another with hydra.run.dir=PATH (hydra.sweep.dir for -m)"
+        ) from None
+    return path

@@ -1,0 +1,136 @@
+"""``ctrl-csc-eval``: measure a trained model on its reconstructions ``X̂ = g(f(X))``.
+
+Writes ``eval.json`` and pictures (reconstruction grid, dictionary atoms, code densities, feature
+subspaces) to the run directory and logs a table. ``dataset=NAME`` other than the training set is
+the cross-dataset generalisation test (images are resized to the model's training size).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Subset
+
+from ctrl_csc.cli.common import check_writable, config_dir, seed_all
+from ctrl_csc.engine.distributed import resolve_device
+from ctrl_csc.eval import (
+    evaluate_reconstructions,
+    plot_densities,
+    plot_dictionary,
+    plot_feature_subspaces,
+    reconstruction_grid,
+)
+from ctrl_csc.pretrained import load_pretrained
+
+log = logging.getLogger("ctrl_csc")
+
+
+def eval_dataset_config(cfg: DictConfig, train_config: dict[str, Any]) -> DictConfig:
+    """The checkpoint's own dataset, or ``dataset=NAME`` resized to the model's image size."""
+    trained = OmegaConf.create(train_config["dataset"])
+    if cfg.get("dataset") is None:
+        return trained
+    data = cfg.dataset.copy()
+    if data.channels != trained.channels:
+        raise ValueError(
+            f"dataset={data.name} has {data.channels}-channel images but the model was "
+            f"trained on {trained.channels}-channel {trained.name}: pick a dataset "
+            "with as many channels"
+        )
+    if data.image_size != trained.image_size:
+        log.info(
+            "dataset=%s resized to the model's %d px (dataset.image_size was %d)",
+            data.name,
+            trained.image_size,
+            data.image_size,
+        )
+        data.image_size = trained.image_size
+    return data
+
+
+def _subset(dataset, n: int | None, seed: int = 0):
+    if n is None or n >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return Subset(dataset, order[:n].tolist())
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    width = max(map(len, metrics))
+    return "\n".join(
+        f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}"
+        for k, v in metrics.items()
+    )
+
+
+def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
+    output_dir = check_writable(output_dir)
+    ecfg = cfg.eval
+    seed_all(0)
+    device = resolve_device(ecfg.device)
+    model, train_config = load_pretrained(cfg.checkpoint, device)
+    data_cfg = eval_dataset_config(cfg, train_config)
+    test_set = _subset(instantiate(data_cfg, split=ecfg.split), ecfg.num_images)
+    loader = DataLoader(test_set, batch_size=ecfg.batch_size, num_workers=ecfg.num_workers)
+    wants_probe = {"nearest_subspace", "linear_probe"} & set(ecfg.metrics)
+    probe = None
+    if wants_probe:
+        probe_set = _subset(instantiate(data_cfg, split="train"), ecfg.probe_images)
+        probe = DataLoader(probe_set, batch_size=ecfg.batch_size, num_workers=ecfg.num_workers)
+    result = evaluate_reconstructions(
+        model.encoder,
+        model.decoder,
+        loader,
+        metrics=tuple(ecfg.metrics),
+        inception_weights=ecfg.inception_weights,
+        device=device,
+        probe_loader=probe,
+        subspace_components=ecfg.n_components,
+        progress=ecfg.progress is not False,
+    )
+    metrics = {
+        "checkpoint": str(cfg.checkpoint),
+        "dataset": data_cfg.name,
+        "trained_on": train_config["dataset"]["name"],
+        **result.metrics,
+    }
+    (output_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if ecfg.plots:
+        reconstruction_grid(
+            result.inputs, result.reconstructions, output_dir / "reconstructions.png"
+        )
+        if hasattr(model.encoder, "stages"):
+            plot_dictionary(model.encoder, output_dir / "dictionary.png")
+        densities = {k: v for k, v in result.metrics.items() if k.startswith("density/")}
+        if densities:
+            plot_densities(densities, output_dir / "densities.png")
+        if result.labels is not None and result.features is not None:
+            plot_feature_subspaces(result.features, result.labels, output_dir / "features.png")
+    log.info(
+        "%s on %s (%d images):\n%s",
+        cfg.checkpoint,
+        data_cfg.name,
+        len(test_set),
+        format_table(result.metrics),
+    )
+    log.info("wrote %s", output_dir / "eval.json")
+    return result.metrics
+
+
+@hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    """Console script ``ctrl-csc-eval``; returns the PSNR (for sweeps over checkpoints)."""
+    metrics = run(cfg, HydraConfig.get().runtime.output_dir)
+    return float(metrics.get("psnr", float("nan")))
+
+
+if __name__ == "__main__":
+    main()

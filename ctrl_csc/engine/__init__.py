@@ -1,0 +1,37 @@
+"""The closed-loop trainer, its steps, checkpoints, loggers and distributed set-up."""
+
+from ctrl_csc.engine.checkpoint import (
+    CheckpointError,
+    find_latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from ctrl_csc.engine.distributed import (
+    DistContext,
+    ResumableSampler,
+    setup_distributed,
+    teardown_distributed,
+)
+from ctrl_csc.engine.loggers import ConsoleLogger, JSONLinesLogger, WandbLogger
+from ctrl_csc.engine.steps import CTRLStep, ReconstructionStep
+from ctrl_csc.engine.trainer import Game, NonFiniteObjectiveError, Trainer, build_loader
+
+__all__ = [
+    "CTRLStep",
+    "CheckpointError",
+    "ConsoleLogger",
+    "DistContext",
+    "Game",
+    "JSONLinesLogger",
+    "NonFiniteObjectiveError",
+    "ReconstructionStep",
+    "ResumableSampler",
+    "Trainer",
+    "WandbLogger",
+    "build_loader",
+    "find_latest_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+    "setup_distributed",
+    "teardown_distributed",
+]

@@ -1,0 +1,179 @@
+"""Checkpoints: one file, written atomically, loaded without unpickling arbitrary objects.
+
+A checkpoint is a plain dictionary saved with ``torch.save``::
+
+    {"format": "ctrl_csc.checkpoint/1", "step": int, "epoch": int,
+     "models": {"encoder": state_dict, "decoder": state_dict},
+     "optimizers": {name: state_dict}, "schedulers": {name: state_dict},
+     "rng": {"torch": ByteTensor, "numpy": {...}, "python": [...], "cuda": [ByteTensor, ...]},
+     "config": {...},          # the resolved run configuration, plain containers only
+     "metrics": {...}}         # last logged values, plain floats
+
+It is read with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, tuples and
+dicts only, so a file carrying a pickled object payload is refused instead of executed.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "rng_state",
+    "set_rng_state",
+    "load_module_state",
+    "find_latest_checkpoint",
+]
+
+CHECKPOINT_FORMAT = "ctrl_csc.checkpoint/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: unreadable, unsafe or of another architecture."""
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``state`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": CHECKPOINT_FORMAT, **state}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint`, refusing anything unsafe or damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not exist (check `checkpoint=` / `trainer.resume=`)"
+        )
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} carries a pickled object payload, which is refused: only "
+            f"tensors and plain containers are loaded (weights_only=True). Details: "
+            f"{str(e).splitlines()[0]}"
+        ) from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is truncated or corrupted and cannot be read "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'})"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"{str(path)!r} is not a ctrl_csc checkpoint (format {found!r}, expected "
+            f"{CHECKPOINT_FORMAT!r})"
+        )
+    return state
+
+
+def rng_state() -> dict:
+    """Every random generator's state as tensors and plain containers (weights_only-safe)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": _to_lists(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            n["kind"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
+    random.setstate(_to_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, tuple | list) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def load_module_state(
+    module: torch.nn.Module, state: Mapping[str, torch.Tensor], name: str
+) -> None:
+    """``module.load_state_dict(state)`` with an error that says which keys differ."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        shapes = [
+            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in own
+            if k in state and state[k].shape != own[k].shape
+        ]
+        parts = []
+        if missing:
+            parts.append(f"missing in checkpoint: {_clip(missing)}")
+        if unexpected:
+            parts.append(f"not in the model: {_clip(unexpected)}")
+        if shapes:
+            parts.append(f"different shapes: {_clip(shapes)}")
+        detail = "; ".join(parts) or str(e).splitlines()[0]
+        raise CheckpointError(
+            f"the checkpoint's {name} does not match the configured architecture ({detail}). "
+            "Use the `model=` the checkpoint was trained with (it is stored in its config)."
+        ) from None
+
+
+def _clip(items: list[str], n: int = 6) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def find_latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The most recently written ``checkpoints/last.pt`` below ``root`` (a run or sweep folder)."""
+    root = Path(root)
+    if not root.exists():
+        return None
+    found = [p for p in root.rglob("last.pt") if p.parent.name == "checkpoints"]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None

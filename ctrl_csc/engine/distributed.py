@@ -1,0 +1,135 @@
+"""Process-group set-up and a resumable, rank-aware sampler.
+
+One code path for one device and many: under ``torchrun`` the environment variables ``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK`` are set and :func:`setup_distributed` joins the group (NCCL on
+GPUs, gloo on CPUs); without them it returns a single-process context.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+__all__ = [
+    "SINGLE_PROCESS",
+    "DistContext",
+    "setup_distributed",
+    "teardown_distributed",
+    "ResumableSampler",
+    "resolve_device",
+]
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+SINGLE_PROCESS = DistContext()
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``auto`` → ``cuda:<local_rank>`` where a GPU is present, else ``cpu``."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto"
+            )
+        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def setup_distributed(device: str = "auto", backend: str | None = None) -> DistContext:
+    """Join the process group started by torchrun (if any) and pick this process's device."""
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        _export_slurm_environment()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"))
+    return DistContext(rank, world_size, local_rank, dev)
+
+
+def _export_slurm_environment() -> None:
+    """Under Slurm (one task per GPU, e.g. hydra-submitit-launcher) set RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR and MASTER_PORT as torchrun would."""
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError:
+        raise RuntimeError(
+            "a multi-task Slurm job needs submitit to set up torch.distributed: "
+            "pip install 'ctrl_csc[slurm]', or start the job with torchrun"
+        ) from None
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def teardown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class ResumableSampler(Sampler[int]):
+    """Shuffles with a permutation seeded by ``(seed, epoch)``, hands each rank its share, and can
+    start part-way through an epoch — so a resumed run reads exactly the batches the uninterrupted
+    run would have read, without loading the skipped ones.
+
+    Each rank receives ``len(dataset) // world_size`` indices per epoch (the remainder is dropped so
+    that every rank holds the same number), rank ``r`` taking positions ``r, r + W, ...`` of the
+    permutation.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if num_samples < world_size:
+            raise ValueError(
+                f"dataset of {num_samples} samples is smaller than the number of "
+                f"processes ({world_size})"
+            )
+        self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        """Next iteration yields epoch ``epoch`` from this rank's ``start``-th index on."""
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.num_samples // self.world_size - self.start
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.num_samples, generator=g)
+        else:
+            order = torch.arange(self.num_samples)
+        per_rank = self.num_samples // self.world_size
+        mine = order[self.rank : per_rank * self.world_size : self.world_size]
+        return iter(mine[self.start :].tolist())

@@ -1,0 +1,430 @@
+"""The trainer: one loop for the closed-loop game and the baselines, on CPU, one GPU or torchrun.
+
+It takes built objects (no configuration system inside)::
+
+    trainer = Trainer(encoder, decoder, CTRLStep(CTRLObjective("samplewise")),
+                      optimizers={"encoder": opt_f, "decoder": opt_g}, train_loader=loader,
+                      eval_loader=test_loader, output_dir="runs/x", max_steps=2000)
+    metrics = trainer.fit()
+
+Outputs under ``output_dir``: ``checkpoints/last.pt`` (and ``step_*.pt`` every
+``checkpoint_every`` steps), ``metrics.jsonl`` (one row per logged step), ``metrics.json``
+(final held-out metrics and objective terms), ``samples/*.png`` (inputs beside reconstructions)
+and ``objective.png`` (objective terms over training).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ctrl_csc.engine.checkpoint import (
+    load_checkpoint,
+    load_module_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from ctrl_csc.engine.distributed import SINGLE_PROCESS, DistContext, ResumableSampler
+from ctrl_csc.engine.loggers import JSONLinesLogger, format_metrics
+from ctrl_csc.engine.steps import TrainStep
+
+__all__ = ["Game", "Trainer", "NonFiniteObjectiveError", "build_loader"]
+
+log = logging.getLogger("ctrl_csc")
+
+
+class NonFiniteObjectiveError(FloatingPointError):
+    """Raised when the objective becomes NaN or infinite; the last good state is saved first."""
+
+
+def build_loader(
+    dataset,
+    batch_size: int,
+    ctx: DistContext = SINGLE_PROCESS,
+    shuffle: bool = True,
+    seed: int = 0,
+    num_workers: int = 0,
+    drop_last: bool = True,
+) -> DataLoader:
+    """A loader whose order is fixed by ``seed`` and the epoch, sharded over ranks, resumable."""
+    if drop_last and len(dataset) // ctx.world_size < batch_size:
+        raise ValueError(
+            f"trainer.batch_size={batch_size} is larger than the {len(dataset)} "
+            f"samples per process of the dataset; lower trainer.batch_size"
+        )
+    sampler = ResumableSampler(
+        len(dataset), shuffle=shuffle, seed=seed, rank=ctx.rank, world_size=ctx.world_size
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=ctx.device.type == "cuda",
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+class Game:
+    """The players and their optimisers, as a training step sees them.
+
+    ``encoder``/``decoder`` are what the step calls with gradients (DDP-wrapped when distributed);
+    ``raw_encoder``/``raw_decoder`` the bare modules, for passes that update nobody's weights.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        optimizers: Mapping[str, torch.optim.Optimizer],
+        ctx: DistContext,
+        grad_clip: float | None = None,
+        amp: bool = False,
+        amp_dtype: str = "bfloat16",
+    ) -> None:
+        self.raw_encoder, self.raw_decoder = encoder, decoder
+        self.ctx, self.grad_clip = ctx, grad_clip
+        if ctx.distributed:
+            ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            encoder = DistributedDataParallel(encoder, device_ids=ids)
+            decoder = DistributedDataParallel(decoder, device_ids=ids)
+        self.encoder, self.decoder = encoder, decoder
+        self.optimizers = dict(optimizers)
+        self.modules = {"encoder": self.raw_encoder, "decoder": self.raw_decoder}
+        self.amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[amp_dtype]
+        self.amp = amp
+        use_scaler = amp and self.amp_dtype == torch.float16 and ctx.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=use_scaler)
+
+    def autocast(self) -> AbstractContextManager:
+        if not self.amp:
+            return nullcontext()
+        return torch.autocast(self.ctx.device.type, dtype=self.amp_dtype)
+
+    def check_finite(self, value: torch.Tensor, what: str) -> None:
+        if not torch.isfinite(value).all():
+            raise NonFiniteObjectiveError(
+                f"the {what} became {value.item()} — training stopped. Lower optim.*.lr, enable "
+                "trainer.grad_clip, or increase the loss's eps_sq"
+            )
+
+    def update(self, players: Sequence[str], loss: torch.Tensor) -> None:
+        """One optimiser step of ``players`` on ``loss`` (to be *minimised*)."""
+        for name in players:
+            self.optimizers[name].zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        for name in players:
+            opt = self.optimizers[name]
+            if self.grad_clip:
+                self.scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(self.modules[name].parameters(), self.grad_clip)
+            self.scaler.step(opt)
+        self.scaler.update()
+
+
+class Trainer:
+    """Runs a :class:`TrainStep` for ``max_steps`` steps with evaluation, logging and checkpoints.
+
+    Args:
+        encoder, decoder: the two players (already on ``ctx.device``).
+        step: the training step (:class:`~ctrl_csc.engine.CTRLStep` or
+            :class:`~ctrl_csc.engine.ReconstructionStep`).
+        optimizers: ``{"encoder": ..., "decoder": ...}``.
+        train_loader: from :func:`build_loader` (its :class:`ResumableSampler` makes resume exact).
+        schedulers: optional ``{name: LRScheduler}`` stepped once per training step.
+        eval_loader: held-out images for PSNR, code densities and reconstruction grids.
+        loggers: objects with ``log(metrics, step)`` and ``close()`` (main process only).
+        output_dir: run directory.
+        max_steps: training steps (one step = ``k`` encoder updates + one decoder update).
+        log_every, eval_every, checkpoint_every: periods in steps (0 disables periodic
+            evaluation / periodic checkpoints; the final ones always happen).
+        eval_images: held-out images used by each evaluation.
+        baseline_images: training images whose mean image serves as the trivial reconstruction
+            that ``psnr`` is compared with (``psnr_mean_image`` in the metrics); 0 disables it.
+        grad_clip: max gradient norm per player, or ``None``.
+        amp, amp_dtype: autocast mixed precision (``bfloat16`` or ``float16``).
+        ctx: process and device (:func:`~ctrl_csc.engine.setup_distributed`).
+        config: the resolved run configuration (plain containers), stored in every checkpoint.
+        progress: progress bar; ``None`` shows it only when stderr is a terminal.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        step: TrainStep,
+        optimizers: Mapping[str, torch.optim.Optimizer],
+        train_loader: DataLoader,
+        schedulers: Mapping[str, Any] | None = None,
+        eval_loader: DataLoader | None = None,
+        loggers: Sequence[Any] = (),
+        output_dir: str | Path = ".",
+        max_steps: int = 1000,
+        log_every: int = 50,
+        eval_every: int = 0,
+        checkpoint_every: int = 0,
+        eval_images: int = 1000,
+        baseline_images: int = 0,
+        grad_clip: float | None = None,
+        amp: bool = False,
+        amp_dtype: str = "bfloat16",
+        ctx: DistContext = SINGLE_PROCESS,
+        config: Mapping[str, Any] | None = None,
+        progress: bool | None = None,
+    ) -> None:
+        if max_steps < 1:
+            raise ValueError(f"trainer.max_steps must be >= 1, got {max_steps}")
+        self.game = Game(encoder, decoder, optimizers, ctx, grad_clip, amp, amp_dtype)
+        self.step_fn, self.ctx = step, ctx
+        self.train_loader, self.eval_loader = train_loader, eval_loader
+        self.schedulers = dict(schedulers or {})
+        self.output_dir = Path(output_dir)
+        self.max_steps, self.log_every = max_steps, max(1, log_every)
+        self.eval_every, self.checkpoint_every = eval_every, checkpoint_every
+        self.eval_images, self.baseline_images = eval_images, baseline_images
+        self.config = dict(config or {})
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.step = 0
+        self.last_metrics: dict[str, float] = {}
+        self._mean_image: torch.Tensor | None = None
+        if ctx.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.history = JSONLinesLogger(self.output_dir / "metrics.jsonl")
+            self.loggers = [self.history, *loggers]
+        else:
+            self.loggers = []
+
+    # ------------------------------------------------------------------ state
+    @property
+    def encoder(self) -> nn.Module:
+        return self.game.raw_encoder
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.game.raw_decoder
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "models": {"encoder": self.encoder.state_dict(), "decoder": self.decoder.state_dict()},
+            "optimizers": {k: o.state_dict() for k, o in self.game.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "scaler": self.game.scaler.state_dict(),
+            "rng": rng_state(),
+            "config": self.config,
+            "metrics": dict(self.last_metrics),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        load_module_state(self.encoder, state["models"]["encoder"], "encoder")
+        load_module_state(self.decoder, state["models"]["decoder"], "decoder")
+        for k, o in self.game.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        for k, s in self.schedulers.items():
+            s.load_state_dict(state["schedulers"][k])
+        if state.get("scaler"):
+            self.game.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.last_metrics = dict(state.get("metrics", {}))
+
+    def save(self, name: str = "last.pt") -> Path | None:
+        if not self.ctx.is_main:
+            return None
+        return save_checkpoint(self.state_dict(), self.output_dir / "checkpoints" / name)
+
+    def resume(self, path: str | Path) -> None:
+        """Continue from a checkpoint written by :meth:`save` (models, optimisers, RNG, step)."""
+        self.load_state_dict(load_checkpoint(path, map_location=self.ctx.device))
+        if self.ctx.is_main:
+            self.history.truncate_after(self.step)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------ loop
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless batches starting at ``self.step``, reproducible from any step."""
+        sampler = self.train_loader.sampler
+        if not isinstance(sampler, ResumableSampler):
+            raise TypeError(
+                "Trainer needs a loader from ctrl_csc.engine.build_loader "
+                "(a ResumableSampler) so that runs resume exactly"
+            )
+        sampler.set_position(0)
+        steps_per_epoch = len(self.train_loader)  # full epochs: the sampler starts at 0 here
+        epoch, offset = divmod(self.step, steps_per_epoch)
+        batch_size = self.train_loader.batch_size
+        while True:
+            sampler.set_position(epoch, offset * batch_size)
+            for x, y in self.train_loader:
+                yield (
+                    x.to(self.ctx.device, non_blocking=True),
+                    y.to(self.ctx.device, non_blocking=True),
+                )
+            epoch, offset = epoch + 1, 0
+
+    def fit(self, resume: str | Path | None = None) -> dict[str, float]:
+        """Train to ``max_steps`` (from a checkpoint when ``resume`` is given); return the final
+        evaluation metrics (also written to ``metrics.json``)."""
+        if resume is not None:
+            self.resume(resume)
+        if self.baseline_images and self._mean_image is None:
+            with self._rng_untouched():
+                self._mean_image = self._training_mean_image()
+        self.encoder.train()
+        self.decoder.train()
+        batches = self._batches()
+        bar = tqdm(
+            total=self.max_steps,
+            initial=self.step,
+            disable=not (self.progress and self.ctx.is_main),
+            desc="train",
+            dynamic_ncols=True,
+        )
+        t0, window = time.perf_counter(), []
+        try:
+            while self.step < self.max_steps:
+                x, y = next(batches)
+                try:
+                    out = self.step_fn(self.game, x, y)
+                except FloatingPointError as e:  # ours, or the objective's non-finite features
+                    path = self.save("last.pt")
+                    raise NonFiniteObjectiveError(
+                        f"{e} (step {self.step}; last good state saved to {path})"
+                    ) from None
+                for s in self.schedulers.values():
+                    s.step()
+                self.step += 1
+                bar.update(1)
+                window.append(out)
+                if self.step % self.log_every == 0 or self.step == self.max_steps:
+                    metrics = _mean_of(window)
+                    metrics["lr/encoder"] = self.game.optimizers["encoder"].param_groups[0]["lr"]
+                    metrics["time/elapsed_s"] = time.perf_counter() - t0
+                    self.last_metrics.update(metrics)
+                    self._log(metrics)
+                    bar.set_postfix_str(
+                        format_metrics(
+                            metrics,
+                            [k for k in metrics if k.endswith(("/total", "/decoder_total"))],
+                        )
+                    )
+                    window = []
+                if (
+                    self.eval_every
+                    and self.step % self.eval_every == 0
+                    and self.step < self.max_steps
+                ):
+                    self._log(self.evaluate())
+                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                    self.save(f"step_{self.step:07d}.pt")
+                    self.save("last.pt")
+        finally:
+            bar.close()
+        final = self.evaluate()
+        self._log(final)
+        self.save("last.pt")
+        if self.ctx.is_main:
+            summary = {**self.last_metrics, **final, "step": self.step}
+            (self.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self._plot_curves()
+        return final
+
+    def close(self) -> None:
+        for lg in self.loggers:
+            lg.close()
+
+    def _log(self, metrics: Mapping[str, float]) -> None:
+        for lg in self.loggers:
+            lg.log(metrics, self.step)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Held-out reconstruction PSNR of ``g(f(X))``, per-stage code densities and a sample grid
+        (main process only; others return ``{}``). Random generators are left as they were, so
+        evaluating never changes the course of training (and resumed runs stay exact)."""
+        if not self.ctx.is_main or self.eval_loader is None:
+            return {}
+        with self._rng_untouched(), torch.no_grad():
+            return self._evaluate()
+
+    def _rng_untouched(self) -> AbstractContextManager:
+        cuda = [self.ctx.device] if self.ctx.device.type == "cuda" else []
+        return torch.random.fork_rng(devices=cuda)
+
+    def _evaluate(self) -> dict[str, float]:
+        from ctrl_csc.eval.metrics import psnr
+        from ctrl_csc.eval.visualize import reconstruction_grid
+
+        f, g = self.encoder, self.decoder
+        f.eval()
+        g.eval()
+        total, count, base, first = 0.0, 0, 0.0, None
+        densities: dict[str, list[float]] = {}
+        for x, _ in self.eval_loader:
+            x = x[: self.eval_images - count].to(self.ctx.device)
+            with self.game.autocast():
+                x_hat = g(f(x)).float().clamp(-1, 1)
+            total += psnr(x_hat, x).sum().item()
+            if self._mean_image is not None:
+                base += psnr(self._mean_image.expand_as(x), x).sum().item()
+            for prefix, m in (("enc", f), ("dec", g)):
+                for i, d in enumerate(getattr(m, "densities", list)()):
+                    if d is not None:
+                        densities.setdefault(f"density/{prefix}{i}", []).append(float(d))
+            if first is None:
+                first = (x[:32].cpu(), x_hat[:32].cpu())
+            count += len(x)
+            if count >= self.eval_images:
+                break
+        f.train()
+        g.train()
+        metrics = {"psnr": total / max(count, 1)}
+        if self._mean_image is not None:
+            metrics["psnr_mean_image"] = base / max(count, 1)
+        metrics.update({k: sum(v) / len(v) for k, v in densities.items()})
+        if first is not None:
+            reconstruction_grid(*first, self.output_dir / "samples" / f"step_{self.step:07d}.png")
+        log.info("eval step %d  %s", self.step, format_metrics(metrics))
+        return metrics
+
+    @torch.no_grad()
+    def _training_mean_image(self) -> torch.Tensor:
+        total, count = None, 0
+        for x, _ in _plain_batches(self.train_loader):
+            x = x[: self.baseline_images - count].to(self.ctx.device)
+            total = x.sum(0) if total is None else total + x.sum(0)
+            count += len(x)
+            if count >= self.baseline_images:
+                break
+        return (total / count).unsqueeze(0)
+
+    def _plot_curves(self) -> None:
+        from ctrl_csc.eval.visualize import plot_curves
+
+        plot_curves(self.history.path, self.output_dir / "objective.png")
+
+
+def _plain_batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of the loader's dataset in storage order (does not move the training sampler)."""
+    return iter(DataLoader(loader.dataset, batch_size=loader.batch_size or 256, shuffle=False))
+
+
+def _mean_of(rows: list[dict[str, Any]]) -> dict[str, float]:
+    keys = rows[0].keys()
+    return {k: math.fsum(float(r[k]) for r in rows) / len(rows) for k in keys}

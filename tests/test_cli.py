@@ -1,0 +1,281 @@
+"""Hydra configs and entry points: every group composes and builds, every experiment runs a few
+steps on embedded data, sweeps, resume, wheel packaging, and two processes under gloo."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ctrl_csc.cli.common import build_models, check_writable, config_dir
+from ctrl_csc.cli.train import run
+
+CONF = Path(config_dir())
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg", "WANDB_SILENT": "true"}
+
+# Embedded stand-ins of the same channels and size for datasets that need a download.
+PATCHES = ["dataset=natural_patches", "dataset.train_size=64", "dataset.test_size=16"]
+STAND_IN = {
+    "mnist": ["dataset=mnist5k"],
+    "cifar10": [*PATCHES, "dataset.image_size=32"],
+    "stl10": [*PATCHES, "dataset.image_size=48"],
+    "celeba": [*PATCHES, "dataset.image_size=64"],
+    "lsun_bedroom": [*PATCHES, "dataset.image_size=128"],
+    "imagenet": [*PATCHES, "dataset.image_size=128"],
+}
+
+
+def names(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def cfg_of(overrides=()):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def test_bare_command_is_the_quickstart():
+    cfg = cfg_of()
+    assert (cfg.dataset.name, cfg.model.name, cfg.trainer.device) == (
+        "mnist5k",
+        "csc_ctrl_tiny",
+        "cpu",
+    )
+
+
+@pytest.mark.parametrize("model", names("model"))
+def test_every_model_config_builds(model):
+    cfg = cfg_of([f"model={model}"])
+    f, g = build_models(cfg.model)
+    x = torch.rand(2, cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size) * 2 - 1
+    if f.in_channels == x.shape[1] and f.image_size == x.shape[-1]:
+        z = f(x)
+        assert z.shape == (2, cfg.model.encoder.feature_dim)
+        assert g(z).shape == x.shape
+
+
+@pytest.mark.parametrize("group", ["loss", "optim", "logger", "trainer", "dataset"])
+def test_every_config_of_a_group_composes_and_builds(group):
+    for name in names(group):
+        cfg = cfg_of([f"{group}={name}"])
+        if group == "loss":
+            assert callable(instantiate(cfg.loss))
+        elif group == "optim":
+            opt = instantiate(cfg.optim.encoder)([torch.nn.Parameter(torch.zeros(1))])
+            assert isinstance(opt, torch.optim.Optimizer)
+        elif group == "logger" and name == "console":
+            instantiate(cfg.logger).log({"a": 1.0}, 0)
+        elif group == "trainer":
+            assert cfg.trainer.max_steps >= 1
+        elif group == "dataset" and cfg.dataset.root is None:  # embedded: builds offline
+            x, y = instantiate(cfg.dataset, split="test")[0]
+            assert x.shape == (cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size)
+
+
+def smoke_overrides(experiment):
+    cfg = cfg_of([f"experiment={experiment}"])
+    data = STAND_IN.get(cfg.dataset.name, [])
+    # the experiment's own trainer settings win over trainer=smoke: shrink them explicitly
+    small = [
+        "trainer.max_steps=2",
+        "trainer.batch_size=8",
+        "trainer.device=cpu",
+        "trainer.eval_every=0",
+        "trainer.checkpoint_every=0",
+    ]
+    return [f"experiment={experiment}", "trainer=smoke", *small, *data]
+
+
+@pytest.mark.parametrize("experiment", names("experiment"))
+def test_every_experiment_runs_a_few_steps(experiment, tmp_path):
+    cfg = cfg_of(smoke_overrides(experiment))
+    metrics = run(cfg, tmp_path)
+    assert math.isfinite(metrics["psnr"])
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["step"] == 2
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(HydraException, match="Available options") as e:
+        cfg_of(["dataset=cifar100"])
+    assert "cifar10" in str(e.value) and "mnist5k" in str(e.value)
+    with pytest.raises(HydraException, match="csc_ctrl_32"):
+        cfg_of(["model=csc_ctrl_31"])
+
+
+def test_image_size_the_model_cannot_take_is_reported_before_training(tmp_path):
+    cfg = cfg_of(["trainer=smoke", "model.encoder.image_size=64", "model.decoder.image_size=64"])
+    with pytest.raises(ValueError, match=r"dataset.image_size.*model|model.*dataset.image_size"):
+        run(cfg, tmp_path)
+
+
+def test_unwritable_run_directory_is_reported(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PermissionError, match="hydra.run.dir"):
+        check_writable(tmp_path / "file" / "run")
+
+
+def test_resume_auto_continues_the_latest_run(tmp_path):
+    base = ["trainer=smoke", "trainer.max_steps=2"]
+    run(cfg_of(base), tmp_path / "runs" / "a")
+    cfg = cfg_of([*base, "trainer.max_steps=3", "trainer.resume=auto"])
+    run(cfg, tmp_path / "runs" / "b")
+    rows = [json.loads(r) for r in (tmp_path / "runs/b/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "objective/total" in r] == [3]
+
+
+def cli(*args, cwd=REPO, timeout=300):
+    out = subprocess.run(
+        [sys.executable, "-m", "ctrl_csc.train", *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_multirun_sweep_puts_each_job_in_its_own_directory(tmp_path):
+    cli("-m", "trainer=smoke", "model.lmbda=0.05,0.1", f"hydra.sweep.dir={tmp_path}")
+    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1"]
+    lmbdas = [OmegaConf.load(p / ".hydra/config.yaml").model.lmbda for p in jobs]
+    assert lmbdas == [0.05, 0.1]
+    assert all((p / "checkpoints/last.pt").is_file() for p in jobs)
+
+
+def test_wandb_offline_run_finishes_cleanly(tmp_path):
+    pytest.importorskip("wandb")
+    cli("trainer=smoke", "logger=wandb", "logger.mode=offline", f"hydra.run.dir={tmp_path}")
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_configs(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(REPO),
+        ],
+        check=True,
+        env=ENV,
+        timeout=300,
+    )
+    wheel = next((tmp_path / "dist").glob("ctrl_csc-*.whl"))
+    files = zipfile.ZipFile(wheel).namelist()
+    assert "ctrl_csc/conf/train.yaml" in files and "ctrl_csc/conf/model/csc_ctrl_tiny.yaml" in files
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(tmp_path / "site"),
+            str(wheel),
+        ],
+        check=True,
+        env=ENV,
+        timeout=300,
+    )
+    probe = (
+        "from ctrl_csc.cli.common import config_dir; from hydra import compose, "
+        "initialize_config_dir; d = config_dir(); print(d)\n"
+        "with initialize_config_dir(config_dir=d, version_base='1.3'):\n"
+        "    print(compose('train').model.name)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**ENV, "PYTHONPATH": str(tmp_path / "site")},
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    where, model = out.stdout.split()
+    assert Path(where).is_relative_to(tmp_path / "site") and model == "csc_ctrl_tiny"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, cfg, out):
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    run(cfg, out)
+
+
+@pytest.mark.distributed
+def test_two_processes_compute_the_one_process_objective(tmp_path):
+    """2 CPU processes (gloo) on a global batch of 16 = one process with batch 16."""
+    common = [
+        "trainer=smoke",
+        "trainer.max_steps=3",
+        "model.encoder.norm=none",
+        "model.decoder.norm=none",
+    ]
+    single = cfg_of([*common, "trainer.batch_size=16"])
+    run(single, tmp_path / "one")
+    double = cfg_of([*common, "trainer.batch_size=8"])
+    torch.multiprocessing.start_processes(
+        _worker,
+        args=(2, _free_port(), double, tmp_path / "two"),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
+
+    def objective(d):
+        rows = [json.loads(r) for r in (d / "metrics.jsonl").read_text().splitlines()]
+        return [r["objective/total"] for r in rows if "objective/total" in r]
+
+    one, two = objective(tmp_path / "one"), objective(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    assert one == pytest.approx(two, rel=1e-4, abs=1e-5)
+
+
+def test_slurm_launcher_config_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert "SlurmLauncher" in launcher._target_ and launcher.partition == "gpu"
+    assert launcher.gpus_per_node == launcher.tasks_per_node == 8

@@ -1,0 +1,270 @@
+"""The trainer, its steps and checkpoints, on tiny models (no Hydra)."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from ctrl_csc.engine import (
+    CheckpointError,
+    CTRLStep,
+    Game,
+    NonFiniteObjectiveError,
+    ReconstructionStep,
+    ResumableSampler,
+    Trainer,
+    build_loader,
+    load_checkpoint,
+    save_checkpoint,
+)
+from ctrl_csc.engine.checkpoint import load_module_state
+from ctrl_csc.engine.distributed import DistContext
+from ctrl_csc.losses import CTRLObjective
+
+
+class TinyEncoder(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, d)
+
+    def forward(self, x):
+        return nn.functional.normalize(self.fc(torch.relu(self.conv(x)).flatten(1)), dim=1)
+
+
+class TinyDecoder(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.fc = nn.Linear(d, 64)
+
+    def forward(self, z):
+        return torch.tanh(self.fc(z)).view(-1, 1, 8, 8)
+
+
+def tiny_data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
+    return TensorDataset(x, torch.randint(0, 3, (n,), generator=g))
+
+
+def make_trainer(tmp_path, max_steps=6, step=None, **kw):
+    torch.manual_seed(0)
+    f, g = TinyEncoder(), TinyDecoder()
+    opts = {
+        "encoder": torch.optim.Adam(f.parameters(), lr=1e-2, betas=(0.5, 0.999)),
+        "decoder": torch.optim.Adam(g.parameters(), lr=1e-2, betas=(0.5, 0.999)),
+    }
+    scheds = {
+        k: torch.optim.lr_scheduler.LinearLR(o, 1.0, 0.0, total_iters=max_steps)
+        for k, o in opts.items()
+    }
+    data = tiny_data()
+    step = step or CTRLStep(CTRLObjective("samplewise"), noise_std=0.05)
+    return Trainer(
+        f,
+        g,
+        step,
+        opts,
+        build_loader(data, 16, seed=1),
+        schedulers=scheds,
+        eval_loader=torch.utils.data.DataLoader(tiny_data(16, 1), batch_size=8),
+        output_dir=tmp_path,
+        max_steps=max_steps,
+        log_every=1,
+        progress=False,
+        **kw,
+    )
+
+
+def objective_rows(run_dir):
+    rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["objective/total"]) for r in rows if "objective/total" in r]
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def test_checkpoint_roundtrip_is_atomic_and_weights_only(tmp_path):
+    state = {"step": 3, "models": {"w": torch.arange(4.0)}, "config": {"a": [1, 2]}}
+    path = save_checkpoint(state, tmp_path / "c" / "x.pt")
+    assert sorted(os.listdir(tmp_path / "c")) == ["x.pt"]  # no temporary file left behind
+    loaded = load_checkpoint(path)
+    assert loaded["step"] == 3 and torch.equal(loaded["models"]["w"], torch.arange(4.0))
+    assert loaded["config"] == {"a": [1, 2]}
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickled_object_payload_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "ctrl_csc.checkpoint/1", "x": _Payload()}, path)
+    with pytest.raises(CheckpointError, match="pickled object payload"):
+        load_checkpoint(path)
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(pickle.dumps({"x": _Payload()}))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(plain)
+
+
+def test_truncated_and_foreign_checkpoints_are_refused(tmp_path):
+    path = save_checkpoint({"step": 1, "w": torch.randn(1000)}, tmp_path / "c.pt")
+    data = path.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        load_checkpoint(tmp_path / "cut.pt")
+    torch.save({"w": torch.ones(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a ctrl_csc checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_architecture_mismatch_names_the_keys():
+    small, big = TinyEncoder(8), TinyEncoder(16)
+    with pytest.raises(CheckpointError, match=r"fc\.weight: checkpoint \(16, 256\) vs model"):
+        load_module_state(small, big.state_dict(), "encoder")
+    with pytest.raises(CheckpointError, match="missing in checkpoint: conv.bias"):
+        load_module_state(
+            small, {k: v for k, v in small.state_dict().items() if k != "conv.bias"}, "encoder"
+        )
+
+
+# ------------------------------------------------------------------ data order
+
+
+def test_resumable_sampler_shards_and_resumes():
+    full = list(ResumableSampler(10, seed=3))
+    assert sorted(full) == list(range(10))
+    s = ResumableSampler(10, seed=3)
+    s.set_position(0, 4)
+    assert list(s) == full[4:]
+    s.set_position(1)
+    assert list(s) != full  # a new permutation each epoch
+    shards = [list(ResumableSampler(10, seed=3, rank=r, world_size=3)) for r in range(3)]
+    assert all(len(p) == 3 for p in shards)
+    assert set().union(*map(set, shards)) == set(full[:9])
+
+
+# ------------------------------------------------------------------ the game
+
+
+def test_game_signs_encoder_ascends_decoder_descends():
+    torch.manual_seed(0)
+    f, g = TinyEncoder(), TinyDecoder()
+    x = tiny_data(32)[:][0]
+    obj = CTRLObjective("binary")
+    opts = {
+        "encoder": torch.optim.SGD(f.parameters(), lr=1e-2),
+        "decoder": torch.optim.SGD(g.parameters(), lr=1e-2),
+    }
+    game = Game(f, g, opts, DistContext())
+
+    def objective():
+        with torch.no_grad():
+            z = f(x)
+            return obj(z, f(g(z))).total.item()
+
+    before = objective()
+    g_before = [p.clone() for p in g.parameters()]
+    # an encoder update alone raises T and leaves g untouched
+    z = f(x)
+    with torch.no_grad():
+        xh = g(z)
+    game.update(("encoder",), -obj(z, f(xh)).total)
+    mid = objective()
+    assert mid > before
+    assert all(torch.equal(a, b) for a, b in zip(g_before, g.parameters()))
+    # full step: the decoder update lowers T from where the encoder left it, f untouched by it
+    f_before = [p.clone() for p in f.parameters()]
+    with torch.no_grad():
+        z = f(x)
+    game.update(("decoder",), obj(z, f(g(z))).decoder_total)
+    assert objective() < mid
+    assert all(torch.equal(a, b) for a, b in zip(f_before, f.parameters()))
+
+
+def test_decoder_step_computes_no_encoder_gradients():
+    torch.manual_seed(0)
+    f, g = TinyEncoder(), TinyDecoder()
+    opts = {
+        "encoder": torch.optim.SGD(f.parameters(), lr=0.0),
+        "decoder": torch.optim.SGD(g.parameters(), lr=1e-2),
+    }
+    game = Game(f, g, opts, DistContext())
+    seen = []
+    orig = game.update
+
+    def spy(players, loss):
+        orig(players, loss)
+        seen.append((players, [p.grad is not None for p in f.parameters()]))
+
+    game.update = spy
+    x, y = tiny_data(16)[:]
+    CTRLStep(CTRLObjective("binary"), encoder_steps=2)(game, x, y)
+    assert [s[0] for s in seen] == [("encoder",), ("encoder",), ("decoder",)]
+    # the encoder's grads were cleared by its own zero_grad, and the decoder pass added none
+    assert seen[-1][1] == [p.grad is not None for p in f.parameters()]
+    assert all(p.requires_grad for p in f.parameters())
+
+
+def test_reconstruction_step_trains_an_autoencoder(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=40, step=ReconstructionStep("mse", code_l1=1e-4))
+    trainer.fit()
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rec = [r["loss/reconstruction"] for r in rows if "loss/reconstruction" in r]
+    assert rec[-1] < 0.8 * rec[0]
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def test_fit_writes_outputs(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=4, baseline_images=32)
+    metrics = trainer.fit()
+    assert {"psnr", "psnr_mean_image"} <= set(metrics)
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["step"] == 4 and "objective/total" in summary
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert list((tmp_path / "samples").glob("*.png"))
+    assert (tmp_path / "objective.png").stat().st_size > 0
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    full = make_trainer(tmp_path / "full", max_steps=8, baseline_images=32)
+    full.fit()
+    first = make_trainer(tmp_path / "part", max_steps=8, baseline_images=32)
+    first.max_steps = 3
+    first.fit()
+    resumed = make_trainer(tmp_path / "part", max_steps=8, baseline_images=32)
+    resumed.fit(resume=tmp_path / "part" / "checkpoints" / "last.pt")
+    assert objective_rows(tmp_path / "part") == objective_rows(tmp_path / "full")
+    for a, b in zip(full.encoder.parameters(), resumed.encoder.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(full.decoder.parameters(), resumed.decoder.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_non_finite_objective_stops_after_saving_the_last_good_state(tmp_path):
+    class Exploding(CTRLStep):
+        calls = 0
+
+        def __call__(self, game, x, y):
+            self.calls += 1
+            if self.calls == 3:  # the third step's objective is NaN, before any update
+                game.check_finite(torch.tensor(float("nan")), "encoder objective")
+            return super().__call__(game, x, y)
+
+    trainer = make_trainer(tmp_path, max_steps=10, step=Exploding(CTRLObjective("binary")))
+    with pytest.raises(NonFiniteObjectiveError, match="step 2; last good state saved"):
+        trainer.fit()
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["step"] == 2
+    for k, v in trainer.encoder.state_dict().items():
+        assert torch.equal(state["models"]["encoder"][k], v)
