@@ -18,15 +18,6 @@ from ctrl_csc.losses import (
 EPS = 0.5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small problems: one intra-op thread avoids OpenMP oversubscription on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------- independent reference (float64)
 
 

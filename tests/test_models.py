@@ -47,15 +47,6 @@ EXTRA = [
 BATCH = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small convolutions on a shared 2-core machine run far faster on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _int(s: str) -> int:
     return int(s.replace(",", ""))
 

@@ -14,15 +14,6 @@ from ctrl_csc.nn import CSCLayer, SparseDeconvLayer
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: one thread avoids OpenMP contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def dense_matrix(apply, in_shape):
     """Matrix of a linear map, built column by column from the images of the basis vectors."""
     n = math.prod(in_shape)

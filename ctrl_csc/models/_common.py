@@ -138,7 +138,8 @@ def _density(t: Tensor) -> Tensor:
 class ImageEncoder(nn.Module):
     """Base class of the encoders: geometry, input check and densities.
 
-    Subclasses set ``self.stages`` (``nn.ModuleList``) and implement ``forward``.
+    Subclasses set ``self.stages`` (``nn.ModuleList``) and implement ``_run(x, codes)``, which
+    returns the features and appends each stage's code to ``codes`` when it is a list.
 
     Attributes:
         in_channels: image channels ``C`` the model takes.
@@ -184,6 +185,34 @@ class ImageEncoder(nn.Module):
                 f"model's image_size agree (expected {self.image_size[0]}x{self.image_size[1]}, "
                 f"got {h}x{w})"
             )
+
+    def _run(self, x: Tensor, codes: list[Tensor] | None) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` ``(N, C, H, W)`` in ``[-1, 1]`` → features ``(N, feature_dim)`` (unit norm when
+        ``normalize``)."""
+        return self._run(x, None)
+
+    def encode_codes(self, x: Tensor) -> list[Tensor]:
+        """Every stage's code ``(N, C_i, H_i, W_i)`` for ``x``, first stage first."""
+        codes: list[Tensor] = []
+        self._run(x, codes)
+        return codes
+
+    def _run_blocks(self, x: Tensor, codes: list[Tensor] | None) -> Tensor:
+        """Check ``x``, run the blocks of ``self.stages`` recording each output's density (and
+        the output itself in ``codes``); return the last output."""
+        self.check_input(x)
+        dens = []
+        h = x
+        for block in self.stages:
+            h = block(h)
+            dens.append(_density(h))
+            if codes is not None:
+                codes.append(h)
+        self._densities = dens
+        return h
 
     def _finish(self, h: Tensor) -> Tensor:
         return F.normalize(h, dim=1) if self.normalize else h

@@ -94,33 +94,13 @@ class ConvEncoder(ImageEncoder):
         self._code_density: Tensor | None = None
 
     def _run(self, x: Tensor, codes: list[Tensor] | None) -> Tensor:
-        self.check_input(x)
-        dens = []
-        h = x
-        for block in self.stages:
-            h = block(h)
-            dens.append(_density(h))
-            if codes is not None:
-                codes.append(h)
-        self._densities = dens
+        h = self._run_blocks(x, codes)
         code = self.code_act(self.projection(h.flatten(1)))
         self.last_code = code
         self._code_density = _density(code)
         if codes is not None:
             codes.append(code)
         return self._finish(code)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(N, C, H, W)`` → ``(N, feature_dim)``: the code, or its unit-norm projection when
-        ``normalize``. Sets ``.last_code``."""
-        return self._run(x, None)
-
-    def encode_codes(self, x: Tensor) -> list[Tensor]:
-        """Every block's output ``(N, C_i, H_i, W_i)``, first block first, then the code
-        ``(N, feature_dim)``."""
-        codes: list[Tensor] = []
-        self._run(x, codes)
-        return codes
 
     def code_density(self) -> float | None:
         """Fraction of non-zero entries of the code in the last forward."""

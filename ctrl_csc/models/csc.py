@@ -136,18 +136,6 @@ class CSCEncoder(ImageEncoder):
             h = act(norm(z))
         return self._finish(self.projection(h.flatten(1)))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x`` ``(N, C, H, W)`` in ``[-1, 1]`` → features ``(N, feature_dim)`` (unit norm when
-        ``normalize``)."""
-        return self._run(x, None)
-
-    def encode_codes(self, x: Tensor) -> list[Tensor]:
-        """Per-stage sparse codes of ``x``: a list of ``(N, out_channels_i, H_i, W_i)`` tensors
-        (the solver outputs, before ``norm``/``activation``), first stage first."""
-        codes: list[Tensor] = []
-        self._run(x, codes)
-        return codes
-
     def densities(self) -> list[float | None]:
         """Per stage, the fraction of non-zeros of its code in the last forward (``None`` before
         any forward)."""

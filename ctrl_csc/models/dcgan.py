@@ -99,26 +99,8 @@ class DCGANEncoder(ImageEncoder):
         self.projection = nn.Conv2d(c, self.feature_dim, sizes[-1], 1, 0, bias=False)
 
     def _run(self, x: Tensor, codes: list[Tensor] | None) -> Tensor:
-        self.check_input(x)
-        dens = []
-        h = x
-        for block in self.stages:
-            h = block(h)
-            dens.append(_density(h))
-            if codes is not None:
-                codes.append(h)
-        self._densities = dens
+        h = self._run_blocks(x, codes)
         return self._finish(self.projection(h).flatten(1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(N, C, H, W)`` → ``(N, feature_dim)`` (unit norm when ``normalize``)."""
-        return self._run(x, None)
-
-    def encode_codes(self, x: Tensor) -> list[Tensor]:
-        """Every block's output ``(N, C_i, H_i, W_i)``, first block first."""
-        codes: list[Tensor] = []
-        self._run(x, codes)
-        return codes
 
 
 class _UpBlock(nn.Module):

@@ -102,26 +102,8 @@ class ResNetEncoder(ImageEncoder):
         self.projection = _maybe_sn(nn.Linear(c * hs[-1] * ws[-1], self.feature_dim), spectral_norm)
 
     def _run(self, x: Tensor, codes: list[Tensor] | None) -> Tensor:
-        self.check_input(x)
-        dens = []
-        h = x
-        for block in self.stages:
-            h = block(h)
-            dens.append(_density(h))
-            if codes is not None:
-                codes.append(h)
-        self._densities = dens
+        h = self._run_blocks(x, codes)
         return self._finish(self.projection(F.relu(h).flatten(1)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(N, C, H, W)`` → ``(N, feature_dim)`` (unit norm when ``normalize``)."""
-        return self._run(x, None)
-
-    def encode_codes(self, x: Tensor) -> list[Tensor]:
-        """Every block's output ``(N, C_i, H_i, W_i)``, first block first."""
-        codes: list[Tensor] = []
-        self._run(x, codes)
-        return codes
 
 
 class _UpBlock(nn.Module):
