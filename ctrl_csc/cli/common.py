@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Subset
 
 log = logging.getLogger("ctrl_csc")
 
@@ -23,6 +24,7 @@ __all__ = [
     "seed_all",
     "to_container",
     "check_writable",
+    "seeded_subset",
 ]
 
 
@@ -87,6 +89,13 @@ def check_data_fits_model(
                 "dataset.image_size to the model's size or pick the model of that "
                 "resolution"
             )
+
+
+def seeded_subset(dataset, n: int | None = None, seed: int = 0) -> Subset:
+    """``n`` samples (all when ``None``) in an order fixed by ``seed``: held-out sets stored by
+    class (the embedded digit sets) then give metrics and picture grids over every class."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return Subset(dataset, order[: n if n is not None else len(dataset)].tolist())
 
 
 def check_writable(path: str | os.PathLike) -> Path:

@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from ctrl_csc.cli.common import check_writable, config_dir, seed_all
+from ctrl_csc.cli.common import check_writable, config_dir, seed_all, seeded_subset
 from ctrl_csc.engine.distributed import resolve_device
 from ctrl_csc.eval import (
     evaluate_reconstructions,
@@ -56,13 +55,6 @@ def eval_dataset_config(cfg: DictConfig, train_config: dict[str, Any]) -> DictCo
     return data
 
 
-def _subset(dataset, n: int | None, seed: int = 0):
-    if n is None or n >= len(dataset):
-        return dataset
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-    return Subset(dataset, order[:n].tolist())
-
-
 def format_table(metrics: dict[str, float]) -> str:
     width = max(map(len, metrics))
     return "\n".join(
@@ -78,12 +70,12 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     device = resolve_device(ecfg.device)
     model, train_config = load_pretrained(cfg.checkpoint, device)
     data_cfg = eval_dataset_config(cfg, train_config)
-    test_set = _subset(instantiate(data_cfg, split=ecfg.split), ecfg.num_images)
+    test_set = seeded_subset(instantiate(data_cfg, split=ecfg.split), ecfg.num_images)
     loader = DataLoader(test_set, batch_size=ecfg.batch_size, num_workers=ecfg.num_workers)
     wants_probe = {"nearest_subspace", "linear_probe"} & set(ecfg.metrics)
     probe = None
     if wants_probe:
-        probe_set = _subset(instantiate(data_cfg, split="train"), ecfg.probe_images)
+        probe_set = seeded_subset(instantiate(data_cfg, split="train"), ecfg.probe_images)
         probe = DataLoader(probe_set, batch_size=ecfg.batch_size, num_workers=ecfg.num_workers)
     result = evaluate_reconstructions(
         model.encoder,

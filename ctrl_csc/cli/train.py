@@ -22,6 +22,7 @@ from ctrl_csc.cli.common import (
     check_writable,
     config_dir,
     seed_all,
+    seeded_subset,
     to_container,
 )
 from ctrl_csc.engine import (
@@ -92,7 +93,10 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
             num_workers=tcfg.num_workers,
         )
         eval_loader = torch.utils.data.DataLoader(
-            test_set, batch_size=tcfg.eval_batch_size, shuffle=False, num_workers=tcfg.num_workers
+            seeded_subset(test_set, tcfg.eval_images),
+            batch_size=tcfg.eval_batch_size,
+            shuffle=False,
+            num_workers=tcfg.num_workers,
         )
         loggers = []
         if ctx.is_main:

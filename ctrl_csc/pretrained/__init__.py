@@ -31,14 +31,23 @@ PRETRAINED: dict[str, Path] = {"quickstart": _HERE / "quickstart.safetensors"}
 
 
 def export_release(
-    checkpoint: str | os.PathLike, path: str | os.PathLike, metrics: dict[str, float] | None = None
+    checkpoint: str | os.PathLike,
+    path: str | os.PathLike,
+    metrics: dict[str, float] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write the weights and config of a training checkpoint as a release file."""
+    """Write the weights and config of a training checkpoint as a release file.
+
+    ``dtype`` (e.g. ``torch.float16``) stores floating-point tensors in that type to halve the
+    file; :func:`load_pretrained` loads them back into the model's own (float32) parameters.
+    """
     from safetensors.torch import save_file
 
     state = load_checkpoint(checkpoint)
     tensors = {
-        f"{part}.{k}": v.contiguous()
+        f"{part}.{k}": (
+            v.to(dtype) if dtype is not None and v.is_floating_point() else v
+        ).contiguous()
         for part in ("encoder", "decoder")
         for k, v in state["models"][part].items()
     }
