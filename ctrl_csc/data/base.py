@@ -36,7 +36,17 @@ __all__ = [
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-class ArrayImageDataset(Dataset):
+class LabelledDataset(Dataset):
+    """A dataset of ``(image, label)`` with a ``classes`` list (set by subclasses)."""
+
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+class ArrayImageDataset(LabelledDataset):
     """Images held in a uint8 array (in memory or memory-mapped) with integer labels.
 
     Args:
@@ -62,10 +72,6 @@ class ArrayImageDataset(Dataset):
         self.classes = list(classes)
         self.transform = transform
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
     def __len__(self) -> int:
         return len(self.images)
 
@@ -76,7 +82,7 @@ class ArrayImageDataset(Dataset):
         return self.transform(Image.fromarray(np.ascontiguousarray(image))), int(self.labels[index])
 
 
-class ImageFileDataset(Dataset):
+class ImageFileDataset(LabelledDataset):
     """Image files on disk with integer labels (ImageFolder trees, CelebA, LSUN exports).
 
     Args:
@@ -94,10 +100,6 @@ class ImageFileDataset(Dataset):
         self.samples = list(samples)
         self.classes = list(classes)
         self.transform = transform
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     def __len__(self) -> int:
         return len(self.samples)

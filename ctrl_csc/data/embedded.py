@@ -25,9 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
-from .base import ArrayImageDataset, stratified_split
+from .base import ArrayImageDataset, LabelledDataset, stratified_split
 from .registry import register_dataset
 from .transforms import ImageTransform
 
@@ -157,7 +156,7 @@ def _load_photos() -> tuple[np.ndarray, ...]:
     return tuple(photos)
 
 
-class NaturalPatches(Dataset):
+class NaturalPatches(LabelledDataset):
     """Square crops ``(photo, y, x)`` of fixed photographs, resized to ``image_size``.
 
     Args:
@@ -176,10 +175,6 @@ class NaturalPatches(Dataset):
         self.patch_size = int(patch_size)
         self.classes = list(classes)
         self.transform = transform
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     def __len__(self) -> int:
         return len(self.labels)
