@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from rate_reference import EPS, ref_pair, ref_R
 
 import ctrl_csc.losses.rate as rate_mod
 from ctrl_csc.losses import (
@@ -13,18 +14,6 @@ from ctrl_csc.losses import (
     pairwise_rate_reduction,
     samplewise_rate_reduction,
 )
-
-EPS = 0.5
-
-
-def ref_R(Z, eps_sq=EPS):
-    Z = Z.detach().double()
-    n, d = Z.shape
-    return 0.5 * torch.logdet(torch.eye(d, dtype=torch.float64) + d / (n * eps_sq) * Z.T @ Z)
-
-
-def ref_pair(Z, Zh, eps_sq=EPS):
-    return ref_R(torch.cat([Z, Zh]), eps_sq) - 0.5 * ref_R(Z, eps_sq) - 0.5 * ref_R(Zh, eps_sq)
 
 
 def ref_multiclass(Z, Zh, y, K, gammas=(1.0, 1.0, 1.0), eps_sq=EPS):

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from rate_reference import EPS, ref_pair, ref_R, ref_Rc
 
 import ctrl_csc.losses.rate as rate_mod
 from ctrl_csc.losses import (
@@ -14,32 +15,6 @@ from ctrl_csc.losses import (
     rate_reduction,
     samplewise_rate_reduction,
 )
-
-EPS = 0.5
-
-
-# ----------------------------------------------------------------- independent reference (float64)
-
-
-def ref_R(Z, eps_sq=EPS):
-    """½ logdet(I_d + d/(n ε²) ZᵀZ), d×d, torch.logdet, float64."""
-    Z = Z.detach().double()
-    n, d = Z.shape
-    return 0.5 * torch.logdet(torch.eye(d, dtype=torch.float64) + d / (n * eps_sq) * Z.T @ Z)
-
-
-def ref_Rc(Z, labels, num_classes, eps_sq=EPS):
-    n = Z.shape[0]
-    total = torch.zeros((), dtype=torch.float64)
-    for j in range(num_classes):
-        Zj = Z[labels == j]
-        if Zj.shape[0]:
-            total = total + Zj.shape[0] / n * ref_R(Zj, eps_sq)
-    return total
-
-
-def ref_pair(Z, Zh, eps_sq=EPS):
-    return ref_R(torch.cat([Z, Zh]), eps_sq) - 0.5 * ref_R(Z, eps_sq) - 0.5 * ref_R(Zh, eps_sq)
 
 
 def unit(n, d, dtype=torch.float64, seed=0):
