@@ -69,26 +69,16 @@ def build_datasets(dataset_cfg: DictConfig, splits: tuple[str, ...] = ("train", 
 def check_data_fits_model(
     dataset, encoder: torch.nn.Module, dataset_cfg: DictConfig, model_name: str
 ) -> None:
-    """Report an image size or channel count the model cannot take before any training."""
+    """Report an image size or channel count the model cannot take before any training: the
+    encoder's own input check on one sample, with the dataset and model named."""
+    check = getattr(encoder, "check_input", None)
+    if check is None:  # an encoder from outside ctrl_csc.models: its forward will tell
+        return
     x, _ = dataset[0]
-    want_c = getattr(encoder, "in_channels", None)
-    want_s = getattr(encoder, "image_size", None)
-    got_c, got_s = x.shape[0], tuple(x.shape[1:])
-    if want_c is not None and want_c != got_c:
-        raise ValueError(
-            f"dataset={dataset_cfg.name} gives {got_c}-channel images but "
-            f"model={model_name} expects {want_c} channels: set dataset.channels / "
-            "model.encoder.in_channels to agree (or pick another model)"
-        )
-    if want_s is not None:
-        want = (want_s, want_s) if isinstance(want_s, int) else tuple(want_s)
-        if want != got_s:
-            raise ValueError(
-                f"dataset={dataset_cfg.name} gives {got_s[0]}x{got_s[1]} images but "
-                f"model={model_name} is built for {want[0]}x{want[1]}: set "
-                "dataset.image_size to the model's size or pick the model of that "
-                "resolution"
-            )
+    try:
+        check(x.unsqueeze(0))
+    except ValueError as e:
+        raise ValueError(f"dataset={dataset_cfg.name}, model={model_name}: {e}") from None
 
 
 def seeded_subset(dataset, n: int | None = None, seed: int = 0) -> Subset:
