@@ -1,8 +1,16 @@
-"""Evaluation: reconstruction/feature metrics, the evaluation runner and visualisation.
+"""Evaluation: reconstruction/feature metrics, dictionary metrics, the evaluation runner and
+visualisation.
 
-See :mod:`ctrl_csc.eval.metrics`, :mod:`ctrl_csc.eval.runner` and :mod:`ctrl_csc.eval.visualize`.
+See :mod:`ctrl_csc.eval.metrics`, :mod:`ctrl_csc.eval.dictionary`, :mod:`ctrl_csc.eval.runner`
+and :mod:`ctrl_csc.eval.visualize`.
 """
 
+from ctrl_csc.eval.dictionary import (
+    DictionaryProbe,
+    csc_stages,
+    dictionary_moved,
+    dictionary_report,
+)
 from ctrl_csc.eval.metrics import (
     INCEPTION_WEIGHTS_URL,
     PYTORCH_FID_WEIGHTS_URL,
@@ -37,6 +45,7 @@ from ctrl_csc.eval.visualize import (
 
 __all__ = [
     "ALL_METRICS",
+    "DictionaryProbe",
     "INCEPTION_WEIGHTS_URL",
     "PYTORCH_FID_WEIGHTS_URL",
     "EvaluationResult",
@@ -49,7 +58,10 @@ __all__ = [
     "code_density",
     "compute_fid",
     "compute_inception_score",
+    "csc_stages",
     "dictionary_atoms",
+    "dictionary_moved",
+    "dictionary_report",
     "evaluate_reconstructions",
     "fid_from_features",
     "frechet_distance",

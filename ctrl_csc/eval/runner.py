@@ -12,12 +12,14 @@ import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ctrl_csc.eval.dictionary import DictionaryProbe
 from ctrl_csc.eval.metrics import (
     FeatureExtractor,
     GaussianStats,
@@ -36,7 +38,16 @@ __all__ = ["ALL_METRICS", "EvaluationResult", "evaluate_reconstructions"]
 log = logging.getLogger(__name__)
 
 #: Metric names accepted by :func:`evaluate_reconstructions` (setting ``eval.metrics``).
-ALL_METRICS = ("psnr", "ssim", "fid", "is", "density", "nearest_subspace", "linear_probe")
+ALL_METRICS = (
+    "psnr",
+    "ssim",
+    "fid",
+    "is",
+    "density",
+    "dictionary",
+    "nearest_subspace",
+    "linear_probe",
+)
 
 
 @dataclass
@@ -46,8 +57,10 @@ class EvaluationResult:
     Attributes:
         metrics: name → float. Keys (those requested): ``psnr`` and ``ssim`` (means over images),
             ``fid``, ``is`` and ``is_std``, ``density/enc{i}`` and ``density/dec{i}`` (fraction of
-            non-zero code entries of stage ``i``, mean over images), ``nearest_subspace`` and
-            ``linear_probe`` (accuracies in ``[0, 1]``), and always ``num_images``.
+            non-zero code entries of stage ``i``, mean over images), ``dictionary/enc{i}/moved``,
+            ``…/residual`` and ``…/residual_init`` (CSC stage ``i``'s dictionary: see
+            :mod:`ctrl_csc.eval.dictionary`), ``nearest_subspace`` and ``linear_probe``
+            (accuracies in ``[0, 1]``), and always ``num_images``.
         inputs: the first ``num_samples`` inputs ``(n, C, H, W)`` on the CPU, in ``[-1, 1]``.
         reconstructions: their reconstructions, same shape, clamped to ``[-1, 1]``.
         features: ``(N, d)`` encoder features of all evaluated images (CPU, float32).
@@ -146,6 +159,7 @@ def evaluate_reconstructions(
     is_splits: int = 10,
     num_samples: int = 64,
     progress: bool = True,
+    initial_encoder: nn.Module | None = None,
 ) -> EvaluationResult:
     """Measure ``X̂ = g(f(X))`` over ``loader`` (CTRL protocol: FID/IS of X̂ against the same X).
 
@@ -157,6 +171,10 @@ def evaluate_reconstructions(
     Feature accuracies fit on the features of ``probe_loader`` (e.g. the training split, at most
     ``probe_num_images`` images) and test on those of ``loader``; they are skipped with a warning
     when either has no labels, no probe loader is given, or the probe set has fewer than 2 classes.
+    Dictionary metrics (``dictionary``) hook the encoder's CSC stages during the same pass: each
+    stage's relative residual ``sqrt(Σ‖u − D z‖² / Σ‖u‖²)`` over the evaluated images, and with
+    ``initial_encoder`` the distance moved from the initial dictionary and the residual of the
+    initial dictionary on the same stage inputs; an encoder without CSC stages gets none.
 
     Args:
         encoder: ``(N, C, H, W)`` in ``[-1, 1]`` → ``(N, d)``; decoder: ``(N, d)`` → images.
@@ -172,6 +190,8 @@ def evaluate_reconstructions(
         is_splits: number of splits of the Inception score (capped at the number of images).
         num_samples: how many inputs/reconstructions to return for the grid.
         progress: show a tqdm bar (only when stderr is a terminal).
+        initial_encoder: the encoder at initialisation (same architecture), for the ``moved`` and
+            ``residual_init`` dictionary metrics; ``None`` measures ``residual`` only.
 
     Returns:
         :class:`EvaluationResult` (``.metrics`` holds the floats).
@@ -207,22 +227,31 @@ def evaluate_reconstructions(
             log.warning("metric 'is' skipped: the feature extractor provides no logits")
             wanted.remove("is")
 
+    probe = None
+    if "dictionary" in wanted:
+        probe = DictionaryProbe(encoder, initial_encoder)
+        if not probe:
+            log.info("metric 'dictionary' skipped: the encoder has no CSC stages")
+            probe = None
+
     modes = (encoder.training, decoder.training)
     encoder.eval()
     decoder.eval()
     try:
-        result = _run(
-            encoder,
-            decoder,
-            loader,
-            wanted,
-            num_images,
-            fe,
-            device,
-            num_samples,
-            is_splits,
-            progress,
-        )
+        with probe if probe is not None else nullcontext():  # hooks only for this pass
+            result = _run(
+                encoder,
+                decoder,
+                loader,
+                wanted,
+                num_images,
+                fe,
+                device,
+                num_samples,
+                is_splits,
+                progress,
+                probe,
+            )
         if "nearest_subspace" in wanted or "linear_probe" in wanted:
             _feature_accuracies(
                 result,
@@ -242,7 +271,17 @@ def evaluate_reconstructions(
 
 @torch.no_grad()
 def _run(
-    encoder, decoder, loader, wanted, num_images, fe, device, num_samples, is_splits, progress
+    encoder,
+    decoder,
+    loader,
+    wanted,
+    num_images,
+    fe,
+    device,
+    num_samples,
+    is_splits,
+    progress,
+    probe=None,
 ):
     n_seen = 0
     sums = {"psnr": 0.0, "ssim": 0.0}
@@ -340,6 +379,8 @@ def _run(
         out["is"], out["is_std"] = inception_score_from_logits(lg, max(1, min(is_splits, len(lg))))
     for key in dens_sum:  # insertion order: enc0, enc1, …, dec0, …
         out[key] = dens_sum[key] / dens_count[key]
+    if probe is not None:
+        out.update(probe.metrics())
     out["num_images"] = float(n_seen)
     return EvaluationResult(
         metrics=out,
