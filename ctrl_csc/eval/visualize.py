@@ -199,33 +199,61 @@ def _atoms_for_display(atoms: Tensor) -> Tensor:
     return 0.5 + 0.5 * atoms / scale
 
 
-def plot_dictionary(encoder: nn.Module, path: PathLike, max_atoms: int = 64) -> Path:
-    """Each CSC stage's dictionary atoms in pixel space, one panel per stage (see
-    :func:`dictionary_atoms`; deeper stages synthesised back through the earlier ones).
-
-    Args:
-        encoder: has ``.stages``, a sequence of CSC stages (``ctrl_csc.nn.CSCLayer``).
-    """
+def _stages_of(encoder: nn.Module, what: str) -> Sequence[nn.Module]:
     stages = getattr(encoder, "stages", None)
     if stages is None or len(stages) == 0:
         raise ValueError(
-            f"plot_dictionary: {type(encoder).__name__} has no CSC `.stages` to draw "
+            f"plot_dictionary: {what} {type(encoder).__name__} has no CSC `.stages` to draw "
             "(only CSC encoders have dictionaries)"
         )
-    panels = []
-    for level in range(len(stages)):
-        atoms = _atoms_for_display(dictionary_atoms(stages, level, max_atoms))
-        nrow = max(1, math.ceil(math.sqrt(atoms.shape[0])))
-        panels.append((level, atoms.shape, _grid(atoms, nrow, padding=1, pad_value=1.0)))
-    fig = Figure(figsize=(4.0 * len(panels), 4.4))
-    for i, (level, shape, grid) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
-        img = _to_hwc(grid)
-        ax.imshow(
-            img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest"
-        )
-        ax.set_title(f"stage {level}: {shape[0]} atoms, {shape[-2]}x{shape[-1]} px", fontsize=9)
-        ax.axis("off")
+    return stages
+
+
+def plot_dictionary(
+    encoder: nn.Module,
+    path: PathLike,
+    max_atoms: int = 64,
+    initial_encoder: nn.Module | None = None,
+) -> Path:
+    """Each CSC stage's dictionary atoms in pixel space, one panel per stage (see
+    :func:`dictionary_atoms`; deeper stages synthesised back through the earlier ones).
+
+    Each atom is scaled on its own (0 at mid-grey, its largest ``|value|`` at black or white).
+
+    Args:
+        encoder: has ``.stages``, a sequence of CSC stages (``ctrl_csc.nn.CSCLayer``).
+        initial_encoder: the same model at initialisation; given, a second row of panels shows
+            its atoms (the same atom in the same place), to see what training changed.
+    """
+    rows = [("", _stages_of(encoder, "encoder"))]
+    if initial_encoder is not None:
+        rows.append((", initial", _stages_of(initial_encoder, "initial_encoder")))
+        if len(rows[1][1]) != len(rows[0][1]):
+            raise ValueError(
+                f"plot_dictionary: the initial encoder has {len(rows[1][1])} stages, the "
+                f"encoder {len(rows[0][1])}"
+            )
+    n = len(rows[0][1])
+    fig = Figure(figsize=(4.0 * n, 4.4 * len(rows)))
+    for r, (tag, stages) in enumerate(rows):
+        for level in range(n):
+            atoms = _atoms_for_display(dictionary_atoms(stages, level, max_atoms))
+            nrow = max(1, math.ceil(math.sqrt(atoms.shape[0])))
+            grid = _grid(atoms, nrow, padding=1, pad_value=1.0)
+            ax = fig.add_subplot(len(rows), n, r * n + level + 1)
+            img = _to_hwc(grid)
+            ax.imshow(
+                img,
+                cmap="gray" if img.ndim == 2 else None,
+                vmin=0,
+                vmax=1,
+                interpolation="nearest",
+            )
+            shape = atoms.shape
+            ax.set_title(
+                f"stage {level}{tag}: {shape[0]} atoms, {shape[-2]}x{shape[-1]} px", fontsize=9
+            )
+            ax.axis("off")
     fig.tight_layout()
     return _save(fig, path)
 
