@@ -3,6 +3,10 @@
 Writes ``eval.json`` and pictures (reconstruction grid, dictionary atoms, code densities, feature
 subspaces) to the run directory and logs a table. ``dataset=NAME`` other than the training set is
 the cross-dataset generalisation test (images are resized to the model's training size).
+
+The dictionary metrics compare each CSC stage with its initial dictionary, which is not stored in
+checkpoints or releases: :func:`initial_models` re-creates it from the run's stored config and seed,
+exactly as ``ctrl-csc-train`` built it (``seed_all(seed)``, then the models on the CPU).
 """
 
 from __future__ import annotations
@@ -13,14 +17,23 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from ctrl_csc.cli.common import check_writable, config_dir, seed_all, seeded_subset
+from ctrl_csc.cli.common import (
+    build_models,
+    check_writable,
+    config_dir,
+    seed_all,
+    seeded_subset,
+)
+from ctrl_csc.engine.checkpoint import rng_state, set_rng_state
 from ctrl_csc.engine.distributed import resolve_device
 from ctrl_csc.eval import (
+    csc_stages,
     evaluate_reconstructions,
     plot_densities,
     plot_dictionary,
@@ -55,6 +68,38 @@ def eval_dataset_config(cfg: DictConfig, train_config: dict[str, Any]) -> DictCo
     return data
 
 
+def initial_models(train_config: dict[str, Any]) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """The ``(encoder, decoder)`` a training run started from, re-created from its config.
+
+    ``ctrl-csc-train`` seeds every generator with ``seed`` and then builds the models on the CPU
+    (moving them to the device after), so the same two calls give the same initial weights. The
+    global random state is restored afterwards. This relies on the model classes initialising as
+    they did when the run was trained.
+
+    Args:
+        train_config: the run's resolved configuration (as stored in a checkpoint or release),
+            with ``seed`` and ``model``.
+
+    Returns:
+        The two modules on the CPU in eval mode, or ``None`` (with a warning) when the config
+        holds no seed (e.g. a checkpoint of a trainer used from Python without one).
+    """
+    seed = train_config.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or "model" not in train_config:
+        log.warning(
+            "the run's config has no integer `seed` and `model`: the initial dictionaries cannot "
+            "be re-created, so dictionary/*/moved and residual_init are skipped"
+        )
+        return None
+    state = rng_state()
+    try:
+        seed_all(seed)
+        encoder, decoder = build_models(train_config["model"], "cpu")
+    finally:
+        set_rng_state(state)
+    return encoder.eval(), decoder.eval()
+
+
 def format_table(metrics: dict[str, float]) -> str:
     width = max(map(len, metrics))
     return "\n".join(
@@ -77,6 +122,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     if wants_probe:
         probe_set = seeded_subset(instantiate(data_cfg, split="train"), ecfg.probe_images)
         probe = DataLoader(probe_set, batch_size=ecfg.batch_size, num_workers=ecfg.num_workers)
+    initial = initial_models(train_config) if "dictionary" in ecfg.metrics else None
+    initial_encoder = None if initial is None else initial[0]
     result = evaluate_reconstructions(
         model.encoder,
         model.decoder,
@@ -87,6 +134,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
         probe_loader=probe,
         subspace_components=ecfg.n_components,
         progress=ecfg.progress is not False,
+        initial_encoder=initial_encoder,
     )
     metrics = {
         "checkpoint": str(cfg.checkpoint),
@@ -99,8 +147,10 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
         reconstruction_grid(
             result.inputs, result.reconstructions, output_dir / "reconstructions.png"
         )
-        if hasattr(model.encoder, "stages"):
-            plot_dictionary(model.encoder, output_dir / "dictionary.png")
+        if csc_stages(model.encoder):
+            plot_dictionary(
+                model.encoder, output_dir / "dictionary.png", initial_encoder=initial_encoder
+            )
         densities = {k: v for k, v in result.metrics.items() if k.startswith("density/")}
         if densities:
             plot_densities(densities, output_dir / "densities.png")
