@@ -255,3 +255,79 @@ def test_inference_mode_then_training():
 def test_empty_batch():
     layer = CSCLayer(3, 4, 3)
     assert layer(torch.randn(0, 3, 8, 8)).shape == (0, 4, 8, 8)
+
+
+@pytest.mark.parametrize("nonnegative", [True, False])
+def test_lambda_max_is_the_smallest_lambda_with_zero_solution(nonnegative):
+    """λ_max from the layer's operator equals ‖Mᵀu‖_∞ (max(Mᵀu)₊ with z ≥ 0) on the dense
+    matrix, and the converged solution is zero just above it and non-zero just below it."""
+    from ctrl_csc.nn.solver import lambda_max
+
+    layer, m, x = csc_problem(nonnegative)
+    u = x.reshape(2, -1)
+    corr = u @ m
+    expected = corr.clamp_min(0).amax(1) if nonnegative else corr.abs().amax(1)
+    got = lambda_max(x, layer.operator(x.shape[-2:]), nonnegative)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    for i in range(2):
+        lam = float(expected[i])
+        above = coordinate_descent(m, u[i], lam * (1 + 1e-9), 0.0, nonnegative)
+        below = coordinate_descent(m, u[i], lam * 0.99, 0.0, nonnegative)
+        assert int((above != 0).sum()) == 0 and int((below != 0).sum()) > 0
+
+
+@pytest.mark.parametrize("algorithm", ["ista", "fista"])
+@pytest.mark.parametrize("nonnegative", [True, False])
+@pytest.mark.parametrize("mu", [0.0, 0.4])
+def test_relative_lambda_is_per_sample_absolute_lambda(algorithm, nonnegative, mu):
+    """With lmbda_relative, sample n follows DESIGN's iterations with λ_n = ρ·λ_max(u_n)."""
+    rho = 0.3
+    layer, m, x = csc_problem(nonnegative, mu, n_iter=4, algorithm=algorithm, lmbda=rho)
+    layer.solver.lmbda_relative = True
+    layer.eval()
+    x = x * torch.tensor([1.0, 7.0], dtype=F64).reshape(2, 1, 1, 1)  # two different scales
+    eta = 1.0 / float(layer.lipschitz(x.shape[-2:]))
+    u = x.reshape(2, -1)
+    corr = u @ m
+    lam_max = corr.clamp_min(0).amax(1) if nonnegative else corr.abs().amax(1)
+    with torch.no_grad():
+        z = layer(x).reshape(2, -1)
+    for i in range(2):
+        expected = design_iterations(
+            m, u[i : i + 1], eta, rho * float(lam_max[i]), mu, 4, algorithm, nonnegative
+        )
+        torch.testing.assert_close(z[i : i + 1], expected, rtol=1e-10, atol=1e-12)
+    # scale invariance: the code of 7u is 7 times the code of u
+    with torch.no_grad():
+        z1 = layer(x[:1])
+        z7 = layer(7.0 * x[:1])
+    torch.testing.assert_close(z7, 7.0 * z1, rtol=1e-10, atol=1e-12)
+    # the objective trace uses the same per-sample λ
+    trace = layer.objective_trace(x)
+    last = 0.5 * (u - z @ m.T).square().sum(1) + rho * lam_max * z.abs().sum(1)
+    last = last + 0.5 * mu * z.square().sum(1)
+    torch.testing.assert_close(trace[-1], last, rtol=1e-10, atol=1e-12)
+
+
+def test_relative_lambda_in_inverse_csc_and_gradients():
+    layer = SparseDeconvLayer(
+        3, 2, 3, stride=2, kind="inverse_csc", lmbda=0.2, n_iter=3, lmbda_relative=True
+    ).double().eval()  # fmt: skip
+    z = torch.randn(2, 3, 3, 3, dtype=F64)
+    with torch.no_grad():
+        v1, v5 = layer(z), layer(5.0 * z)
+    torch.testing.assert_close(v5, 5.0 * v1, rtol=1e-10, atol=1e-12)
+    assert 0 < int((v1 != 0).sum()) < v1.numel()
+    csc = CSCLayer(
+        2, 3, 3, stride=2, lmbda=0.2, n_iter=3, lmbda_relative=True, power_iters=0
+    ).double()
+    x = torch.randn(2, 2, 6, 5, dtype=F64, requires_grad=True)
+    csc(x)  # fixes the Lipschitz estimate; λ_n = ρ·λ_max(x_n) is differentiated through
+    assert _gradcheck_layer(csc, x)
+
+
+def test_relative_lambda_must_be_a_fraction():
+    with pytest.raises(ValueError, match="lmbda_relative"):
+        CSCLayer(2, 3, 3, lmbda=1.0, lmbda_relative=True)
+    with pytest.raises(ValueError, match="lmbda_relative"):
+        SparseDeconvLayer(3, 2, 3, kind="inverse_csc", lmbda=1.5, lmbda_relative=True)

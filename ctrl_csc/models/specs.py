@@ -39,6 +39,7 @@ class CSCStageSpec:
         normalize_atoms: each atom ``A[j]`` kept at unit norm.
         learn_lmbda, learn_step: λ / step size are trainable parameters.
         power_iters, init_power_iters: power-iteration steps per training forward / at init.
+        lmbda_relative: ``lmbda`` is a fraction (``< 1``) of each sample's ``λ_max = ‖Dᵀu‖_∞``.
         norm: normalisation after the stage (``"batch" | "group" | "none"``); ``None`` uses the
             encoder's ``norm``.
         activation: nonlinearity after the norm (``"none"`` by default: the prox is the
@@ -59,6 +60,7 @@ class CSCStageSpec:
     learn_step: bool = False
     power_iters: int = 1
     init_power_iters: int = 50
+    lmbda_relative: bool = False
     norm: str | None = None
     activation: str = "none"
 
@@ -85,7 +87,8 @@ class DeconvStageSpec:
         kind: ``"synthesis"`` (``x = D' z``, a transposed convolution) or ``"inverse_csc"``
             (unrolled sparse coding that upsamples).
         lmbda, mu, n_iter, algorithm, nonnegative, normalize_atoms, learn_lmbda, learn_step,
-            power_iters, init_power_iters: solver options (used by ``inverse_csc``).
+            power_iters, init_power_iters, lmbda_relative: solver options (used by
+            ``inverse_csc``).
         norm: normalisation after the stage (not after the last stage); ``None`` uses the decoder's
             ``norm``.
         activation: nonlinearity after the norm (not after the last stage); ``"auto"`` means
@@ -108,6 +111,7 @@ class DeconvStageSpec:
     learn_step: bool = False
     power_iters: int = 1
     init_power_iters: int = 50
+    lmbda_relative: bool = False
     norm: str | None = None
     activation: str = "auto"
 

@@ -118,6 +118,9 @@ class CSCLayer(nn.Module):
         learn_step: learn a multiplier (initially 1) on ``η``.
         power_iters: power-iteration steps per training forward (``≥ 0``).
         init_power_iters: power-iteration steps at a new input size / before evaluation.
+        lmbda_relative: ``lmbda`` is a fraction ``ρ < 1`` of each sample's
+            ``λ_max = ‖Dᵀx‖_∞`` (``max(Dᵀx)`` for non-negative codes), the smallest λ giving
+            the zero code: ``λ = ρ·λ_max`` means the same at every stage and input scale.
 
     Shapes:
         input ``(N, C_in, H, W)`` → code ``(N, C_out, h, w)``, ``h = ⌊(H + 2p − k)/s⌋ + 1``.
@@ -144,6 +147,7 @@ class CSCLayer(nn.Module):
         learn_step: bool = False,
         power_iters: int = 1,
         init_power_iters: int = 50,
+        lmbda_relative: bool = False,
     ) -> None:
         super().__init__()
         owner = "CSCLayer"
@@ -151,8 +155,9 @@ class CSCLayer(nn.Module):
             padding = kernel_size // 2
         _check_geometry(in_channels, out_channels, kernel_size, stride, padding, owner)
         check_solver_options(
-            lmbda, mu, n_iter, algorithm, learn_lmbda, power_iters, init_power_iters, owner
-        )
+            lmbda, mu, n_iter, algorithm, learn_lmbda, power_iters, init_power_iters, owner,
+            lmbda_relative,
+        )  # fmt: skip
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
@@ -162,7 +167,7 @@ class CSCLayer(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.solver = UnrolledLasso(
             out_channels, lmbda, mu, n_iter, algorithm, nonnegative, learn_lmbda, learn_step,
-            power_iters, init_power_iters,
+            power_iters, init_power_iters, lmbda_relative,
         )  # fmt: skip
         self.reset_parameters()
 
@@ -317,7 +322,8 @@ class SparseDeconvLayer(nn.Module):
         kernel_size, stride, padding: geometry; ``padding=None`` means ``k // 2``.
         kind: ``"synthesis"`` or ``"inverse_csc"``.
         lmbda, mu, n_iter, algorithm, nonnegative, learn_lmbda, learn_step, power_iters,
-        init_power_iters: solver options, as for :class:`CSCLayer` (``inverse_csc`` only).
+        init_power_iters, lmbda_relative: solver options, as for :class:`CSCLayer`
+        (``inverse_csc`` only).
         normalize_atoms: see the kinds.
 
     Shapes:
@@ -347,6 +353,7 @@ class SparseDeconvLayer(nn.Module):
         learn_step: bool = False,
         power_iters: int = 1,
         init_power_iters: int = 50,
+        lmbda_relative: bool = False,
     ) -> None:
         super().__init__()
         owner = "SparseDeconvLayer"
@@ -356,8 +363,9 @@ class SparseDeconvLayer(nn.Module):
             padding = kernel_size // 2
         _check_geometry(in_channels, out_channels, kernel_size, stride, padding, owner)
         check_solver_options(
-            lmbda, mu, n_iter, algorithm, learn_lmbda, power_iters, init_power_iters, owner
-        )
+            lmbda, mu, n_iter, algorithm, learn_lmbda, power_iters, init_power_iters, owner,
+            lmbda_relative,
+        )  # fmt: skip
         if kind == "synthesis" and (learn_lmbda or learn_step):
             raise ValueError(
                 f"{owner}: learn_lmbda/learn_step only apply to kind='inverse_csc' "
@@ -383,6 +391,7 @@ class SparseDeconvLayer(nn.Module):
                 learn_step,
                 power_iters,
                 init_power_iters,
+                lmbda_relative,
             )  # fmt: skip
             if kind == "inverse_csc"
             else None

@@ -49,6 +49,7 @@ __all__ = [
     "proximal_gradient_step",
     "unrolled_lasso",
     "lasso_objective",
+    "lambda_max",
     "UnrolledLasso",
 ]
 
@@ -209,6 +210,30 @@ def _threshold_bias(theta: Tensor | float, channels: int, like: Tensor) -> Tenso
     return torch.full((channels,), -float(theta), dtype=like.dtype, device=like.device)
 
 
+def _max_correlation(c: Tensor, nonnegative: bool) -> Tensor:
+    """Per sample, ``max_j c_j`` (clamped at 0) when ``nonnegative``, else ``max_j |c_j|``:
+    ``(N, …) → (N, 1, …, 1)`` (differentiable: the gradient reaches the maximising entry)."""
+    flat = c.flatten(1)
+    m = flat.amax(1).clamp_min(0.0) if nonnegative else flat.abs().amax(1)
+    return m.reshape(-1, *([1] * (c.dim() - 1)))
+
+
+def lambda_max(u: Tensor, operator: StridedConv, nonnegative: bool = False) -> Tensor:
+    """Per sample, the smallest ``λ`` for which the Lasso solution is ``x* = 0``.
+
+    ``x = 0`` is optimal iff ``0 ∈ −Aᵀu + λ∂‖0‖₁`` (plus the normal cone of ``x ≥ 0``), i.e.
+    ``λ ≥ ‖Aᵀu‖_∞`` (signed) or ``λ ≥ max(max_j (Aᵀu)_j, 0)`` (non-negative); ``μ`` does not
+    change it. Differentiable in ``u`` and the operator (through the maximising entry).
+
+    Args:
+        u: data ``(N, C_u, H_u, W_u)``; operator: ``A``.
+
+    Returns:
+        ``(N,)``.
+    """
+    return _max_correlation(operator.adjoint(u), nonnegative).flatten()
+
+
 def unrolled_lasso(
     u: Tensor,
     operator: StridedConv,
@@ -219,6 +244,7 @@ def unrolled_lasso(
     algorithm: str = "fista",
     nonnegative: bool = False,
     callback: Callback | None = None,
+    lmbda_relative: bool = False,
 ) -> Tensor:
     """``n_iter`` unrolled ISTA/FISTA steps from ``x₀ = 0`` for the elastic-net Lasso.
 
@@ -226,6 +252,11 @@ def unrolled_lasso(
     ``nonnegative``); see the module docstring for the iterations and the fused form. Costs
     ``2·n_iter − 1`` convolutions. Differentiable with respect to ``u``, the operator's weight,
     ``step`` and ``lmbda`` when those are tensors that require grad.
+
+    With ``lmbda_relative``, ``lmbda`` is a fraction ``ρ`` and each sample ``n`` is solved with
+    ``λ_n = ρ·λ_max(u_n)`` (:func:`lambda_max`, differentiated through as well): the same ``ρ``
+    then gives comparable sparsity at any input scale (after a normalisation, after an earlier
+    stage), and ``ρ ≥ 1`` gives the zero code. ``λ_max`` comes from ``Aᵀu``, computed anyway.
 
     Args:
         u: data ``(N, C_u, H_u, W_u)`` in the range of ``A``.
@@ -238,6 +269,7 @@ def unrolled_lasso(
         nonnegative: impose ``x ≥ 0``.
         callback: called as ``callback(t, x_t)`` after each step ``t = 1..T`` (for objective
             traces); ``None`` in normal use.
+        lmbda_relative: ``λ = lmbda · λ_max(u)`` per sample (see above).
 
     Returns:
         The code ``x_T`` of shape ``(N, C_x, H_x, W_x)`` (the domain of ``A``).
@@ -251,13 +283,22 @@ def unrolled_lasso(
         a, s = step / denom, 1.0 / denom
     else:
         a, s = step, None
-    theta = a * lmbda
     scaled = operator.scaled(a)
-    if nonnegative:
+    if lmbda_relative:
+        c = scaled.adjoint(u)  # a Aᵀu, whose per-sample max is a·λ_max (a > 0)
+        theta = lmbda * _max_correlation(c, nonnegative)  # a λ_n, shape (N, 1, 1, 1)
+        if nonnegative:
+            c = c - theta  # a (Aᵀu − λ_n)
+            z = torch.relu(c)
+        else:
+            z = shrink(c, theta)
+    elif nonnegative:
+        theta = a * lmbda
         bias = _threshold_bias(theta, operator.unknown_channels, scaled.weight)
         c = scaled.adjoint(u, bias)  # a (Aᵀu − λ)
         z = torch.relu(c)
     else:
+        theta = a * lmbda
         c = scaled.adjoint(u)  # a Aᵀu
         z = shrink(c, theta)
     if callback is not None:
@@ -310,10 +351,16 @@ def check_solver_options(
     power_iters: int,
     init_power_iters: int,
     owner: str,
+    lmbda_relative: bool = False,
 ) -> None:
     """Raise a ``ValueError`` naming the setting for an invalid solver option."""
     if not lmbda >= 0:
         raise ValueError(f"{owner}: lmbda must be >= 0, got {lmbda}")
+    if lmbda_relative and not lmbda < 1:
+        raise ValueError(
+            f"{owner}: with lmbda_relative=True, lmbda is a fraction of λ_max = ‖Dᵀu‖_∞ and "
+            f"must be < 1 (λ >= λ_max makes every code zero), got {lmbda}"
+        )
     if not mu >= 0:
         raise ValueError(f"{owner}: mu must be >= 0, got {mu}")
     if not isinstance(n_iter, int) or n_iter < 1:
@@ -357,7 +404,8 @@ class UnrolledLasso(nn.Module):
     a module that has seen other sizes, or none).
 
     Threshold. ``λ`` is a constant, or with ``learn_lmbda`` ``λ = softplus(ρ)`` with ``ρ`` the
-    parameter ``raw_lmbda`` (kept positive).
+    parameter ``raw_lmbda`` (kept positive). With ``lmbda_relative`` that value is a fraction of
+    each sample's ``λ_max = ‖Aᵀu‖_∞`` (see :func:`unrolled_lasso`).
 
     Args:
         channels: channels of the unknown (for the power-iteration vector).
@@ -366,6 +414,7 @@ class UnrolledLasso(nn.Module):
         learn_step: learn a multiplier on ``η``.
         power_iters: power-iteration steps per training forward (``≥ 0``).
         init_power_iters: steps when the sizes change / before evaluation (``≥ 1``).
+        lmbda_relative: ``lmbda`` is a fraction (``< 1``) of each sample's ``λ_max``.
     """
 
     _LIP_BUFFERS = ("power_vector", "lipschitz_estimate", "lipschitz_shape")
@@ -382,13 +431,15 @@ class UnrolledLasso(nn.Module):
         learn_step: bool = False,
         power_iters: int = 1,
         init_power_iters: int = 50,
+        lmbda_relative: bool = False,
     ) -> None:
         super().__init__()
         check_solver_options(
             lmbda, mu, n_iter, algorithm, learn_lmbda, power_iters, init_power_iters,
-            "UnrolledLasso",
+            "UnrolledLasso", lmbda_relative,
         )  # fmt: skip
         self.channels = int(channels)
+        self.lmbda_relative = bool(lmbda_relative)
         self.mu = float(mu)
         self.n_iter = int(n_iter)
         self.algorithm = algorithm
@@ -505,10 +556,17 @@ class UnrolledLasso(nn.Module):
         self.update_lipschitz(operator, unknown_size, data_size, weight_version, self.training)
         z = unrolled_lasso(
             u, operator, self.step_size(), self.lmbda, self.mu, self.n_iter, self.algorithm,
-            self.nonnegative,
+            self.nonnegative, lmbda_relative=self.lmbda_relative,
         )  # fmt: skip
         self._last_code = z.detach()
         return z
+
+    def effective_lmbda(self, u: Tensor, operator: StridedConv) -> Tensor | float:
+        """The ``λ`` each sample of ``u`` is solved with: ``(N,)`` when relative, else
+        :attr:`lmbda`."""
+        if not self.lmbda_relative:
+            return self.lmbda
+        return self.lmbda * lambda_max(u, operator, self.nonnegative)
 
     @torch.no_grad()
     def objective_trace(
@@ -527,7 +585,7 @@ class UnrolledLasso(nn.Module):
         """
         data_size = (u.shape[-2], u.shape[-1])
         self.update_lipschitz(operator, unknown_size, data_size, weight_version, refresh=False)
-        lmbda = self.lmbda
+        lmbda = self.effective_lmbda(u, operator)
         zero = u.new_zeros((u.shape[0], self.channels, *unknown_size))
         rows = [lasso_objective(u, zero, operator, lmbda, self.mu)]
 
@@ -535,8 +593,8 @@ class UnrolledLasso(nn.Module):
             rows.append(lasso_objective(u, z, operator, lmbda, self.mu))
 
         unrolled_lasso(
-            u, operator, self.step_size(), lmbda, self.mu, self.n_iter, self.algorithm,
-            self.nonnegative, callback=record,
+            u, operator, self.step_size(), self.lmbda, self.mu, self.n_iter, self.algorithm,
+            self.nonnegative, callback=record, lmbda_relative=self.lmbda_relative,
         )  # fmt: skip
         return torch.stack(rows)
 
@@ -570,8 +628,10 @@ class UnrolledLasso(nn.Module):
 
     def extra_repr(self) -> str:
         lmbda = "learned" if self.raw_lmbda is not None else self._fixed_lmbda
+        rel = ", lmbda_relative=True" if self.lmbda_relative else ""
         return (
-            f"lmbda={lmbda}, mu={self.mu}, n_iter={self.n_iter}, algorithm={self.algorithm!r}, "
+            f"lmbda={lmbda}{rel}, mu={self.mu}, n_iter={self.n_iter}, "
+            f"algorithm={self.algorithm!r}, "
             f"nonnegative={self.nonnegative}, learn_step={self.log_step_scale is not None}, "
             f"power_iters={self.power_iters}, init_power_iters={self.init_power_iters}"
         )
