@@ -33,8 +33,9 @@ def shrink(v: Tensor, theta: Tensor | float, nonnegative: bool = False) -> Tenso
         return torch.relu(v - theta)
     if not isinstance(theta, Tensor):
         return torch.nn.functional.softshrink(v, float(theta))
-    # v − clip(v, −θ, θ): two elementwise passes, differentiable in v and θ.
-    return v - torch.clamp(v, min=-theta, max=theta)
+    # sign(v)·relu(|v| − θ), differentiable in v and θ; its backward is ~9x cheaper on CPU
+    # than that of v − clamp(v, −θ, θ) with tensor bounds (bench/bench_csc.py).
+    return torch.sign(v) * torch.relu(v.abs() - theta)
 
 
 def prox_elastic_net(

@@ -213,8 +213,12 @@ def _threshold_bias(theta: Tensor | float, channels: int, like: Tensor) -> Tenso
 def _max_correlation(c: Tensor, nonnegative: bool) -> Tensor:
     """Per sample, ``max_j c_j`` (clamped at 0) when ``nonnegative``, else ``max_j |c_j|``:
     ``(N, …) → (N, 1, …, 1)`` (differentiable: the gradient reaches the maximising entry)."""
-    flat = c.flatten(1)
-    m = flat.amax(1).clamp_min(0.0) if nonnegative else flat.abs().amax(1)
+    flat = c.flatten(1) if nonnegative else c.flatten(1).abs()
+    # gather at the argmax: the gradient goes to one maximising entry (a cheaper backward than
+    # amax's, which spreads it over ties through full-size masks)
+    m = flat.gather(1, flat.argmax(1, keepdim=True)).squeeze(1)
+    if nonnegative:
+        m = m.clamp_min(0.0)
     return m.reshape(-1, *([1] * (c.dim() - 1)))
 
 
