@@ -1,0 +1,325 @@
+"""The closed-loop game, through :class:`CTRLStep`'s own ``__call__`` (DESIGN §2).
+
+Tiny players, plain SGD (an update is ``lr`` times the gradient, so its sign and size can be read
+off the parameters), every objective variant. The reference is a straightforward step written
+here from DESIGN §2 — ``k`` times: ``X̂ = g(f(X))`` without gradient, ascend ``total`` of
+``(f(X), f(X̂))`` in f's parameters; then once: ``Z = f(X)`` without gradient, descend
+``decoder_total`` of ``(Z, f(g(Z)))`` in g's parameters — and the step must match it.
+"""
+
+import copy
+import inspect
+
+import pytest
+import torch
+from torch import nn
+
+from ctrl_csc.engine import CTRLStep, Game
+from ctrl_csc.engine.distributed import DistContext
+from ctrl_csc.losses import CTRLObjective
+from ctrl_csc.models import DCGANDecoder, DCGANEncoder
+
+N, D, K = 32, 8, 3  # batch, feature dimension, classes
+LR_F, LR_G = 2e-3, 0.05  # small enough that one update moves each quantity the right way
+
+VARIANTS = {
+    "binary": {"variant": "binary"},
+    "multiclass": {"variant": "multiclass", "num_classes": K},
+    # the two players' quantities differ: R(Z) + ΔR − βD for f, ΔR + βD for g
+    "samplewise_l2": {"variant": "samplewise", "distance": "l2", "beta": 2.0},
+    "samplewise_rate": {"variant": "samplewise", "distance": "rate", "beta": 1.0},
+}
+
+
+class MLPEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, D)
+
+    def forward(self, x):
+        return nn.functional.normalize(self.fc(torch.relu(self.conv(x)).flatten(1)), dim=1)
+
+
+class MLPDecoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(D, 32)
+        self.fc2 = nn.Linear(32, 64)
+
+    def forward(self, z):
+        return torch.tanh(self.fc2(torch.relu(self.fc1(z)))).view(-1, 1, 8, 8)
+
+
+# CTRLStep options that must not change the step of players without batch statistics
+STEP_OPTIONS = {"apart": {}}
+if "joint_batch" in inspect.signature(CTRLStep).parameters:
+    STEP_OPTIONS["joint_batch"] = {"joint_batch": True}
+
+
+def players(kind):
+    torch.manual_seed(0)
+    if kind == "mlp":
+        return MLPEncoder(), MLPDecoder()
+    kw = {"image_size": 8, "feature_dim": D, "base_channels": 4, "norm": "none"}
+    return DCGANEncoder(1, num_down=2, **kw), DCGANDecoder(1, num_up=2, **kw)
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(N, 1, 8, 8, generator=g) * 2 - 1
+    return x, torch.randint(0, K, (N,), generator=g)
+
+
+def sgd_game(f, g, lr_f=LR_F, lr_g=LR_G, game_cls=Game, **kw):
+    opts = {
+        "encoder": torch.optim.SGD(f.parameters(), lr=lr_f),
+        "decoder": torch.optim.SGD(g.parameters(), lr=lr_g),
+    }
+    return game_cls(f, g, opts, DistContext(), **kw)
+
+
+def flat(module):
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+def with_params(module, params):
+    """A copy of ``module`` with the flat parameters ``params`` (e.g. those before a step)."""
+    module = copy.deepcopy(module)
+    torch.nn.utils.vector_to_parameters(params, module.parameters())
+    return module
+
+
+def clip(grads, max_norm):
+    if max_norm is None:
+        return grads
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return [g * min(1.0, max_norm / (float(norm) + 1e-6)) for g in grads]
+
+
+def reference_step(f, g, obj, x, y, k, lr_f=LR_F, lr_g=LR_G, grad_clip=None):
+    """DESIGN §2's training step with SGD, on copies; returns the updated copies and the
+    encoder's gradient of ``-total`` in its last update."""
+    f, g = copy.deepcopy(f), copy.deepcopy(g)
+    labels = y if obj.needs_labels else None
+    grads = None
+    for _ in range(k):
+        with torch.no_grad():
+            x_hat = g(f(x))
+        total = obj(f(x), f(x_hat), labels).total
+        grads = clip(torch.autograd.grad(-total, list(f.parameters())), grad_clip)
+        with torch.no_grad():
+            for p, gr in zip(f.parameters(), grads):
+                p.sub_(lr_f * gr)
+    with torch.no_grad():
+        z = f(x)
+    decoder_total = obj(z, f(g(z)), labels).decoder_total
+    grads_g = clip(torch.autograd.grad(decoder_total, list(g.parameters())), grad_clip)
+    with torch.no_grad():
+        for p, gr in zip(g.parameters(), grads_g):
+            p.sub_(lr_g * gr)
+    return f, g, grads
+
+
+def assert_same_update(before, after, ref, rtol=1e-4):
+    """``after - before`` equals ``ref - before`` up to ``rtol`` of its norm (and is not zero)."""
+    step, expected = after - before, ref - before
+    assert expected.norm() > 0
+    assert (step - expected).norm() <= rtol * expected.norm(), (
+        f"update off by {float((step - expected).norm() / expected.norm()):.3g} of its norm"
+    )
+
+
+class RecordingGame(Game):
+    """A :class:`Game` that records, around each ``update``, both players' parameters and
+    ``.grad`` (the backward pass happens inside ``update``)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.calls = []
+
+    def _snapshot(self):
+        return {
+            name: [
+                (p.detach().clone(), None if p.grad is None else p.grad.clone())
+                for p in m.parameters()
+            ]
+            for name, m in self.modules.items()
+        }
+
+    def update(self, players, loss):
+        before = self._snapshot()
+        super().update(players, loss)
+        self.calls.append((tuple(players), before, self._snapshot()))
+
+
+def assert_untouched(before, after, what):
+    for i, ((p0, g0), (p1, g1)) in enumerate(zip(before, after)):
+        assert torch.equal(p0, p1), f"{what}: parameter {i} changed"
+        assert (g0 is None) == (g1 is None), f"{what}: .grad {i} appeared or vanished"
+        if g0 is not None:
+            assert torch.equal(g0, g1), f"{what}: .grad {i} changed"
+
+
+def encoder_quantity(f, g, obj, x, y, x_hat=None):
+    """``total`` at ``(f(X), f(X̂))``, ``X̂ = g(f(X))`` unless given."""
+    labels = y if obj.needs_labels else None
+    with torch.no_grad():
+        x_hat = g(f(x)) if x_hat is None else x_hat
+        return obj(f(x), f(x_hat), labels).total.item()
+
+
+def decoder_quantity(f, g, obj, x, y):
+    labels = y if obj.needs_labels else None
+    with torch.no_grad():
+        z = f(x)
+        return obj(z, f(g(z)), labels).decoder_total.item()
+
+
+# ------------------------------------------------------------------ the whole step
+
+
+@pytest.mark.parametrize("options", sorted(STEP_OPTIONS))
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("model", ["mlp", "dcgan"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_step_is_k_encoder_ascents_then_one_decoder_descent(variant, model, k, options):
+    f, g = players(model)
+    obj = CTRLObjective(**VARIANTS[variant])
+    x, y = batch()
+    ref_f, ref_g, _ = reference_step(f, g, obj, x, y, k)
+    f0, g0 = flat(f), flat(g)
+    game = sgd_game(f, g, game_cls=RecordingGame)
+    out = CTRLStep(obj, encoder_steps=k, **STEP_OPTIONS[options])(game, x, y)
+    assert [c[0] for c in game.calls] == [("encoder",)] * k + [("decoder",)]
+    assert_same_update(f0, flat(f), flat(ref_f))
+    assert_same_update(g0, flat(g), flat(ref_g))
+    # what it returns is the objective of the decoder phase (on the updated encoder)
+    labels = y if obj.needs_labels else None
+    with torch.no_grad():
+        z = ref_f(x)
+        terms = obj(z, ref_f(with_params(g, g0)(z)), labels).as_dict()
+    assert {"objective/total", "objective/decoder_total"} <= out.keys()
+    for name, value in terms.items():
+        if f"objective/{name}" in out:
+            assert float(out[f"objective/{name}"]) == pytest.approx(value, rel=1e-4, abs=1e-6)
+
+
+# ------------------------------------------------------------------ each phase on its own
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_encoder_phase_raises_total_and_leaves_the_decoder_alone(variant):
+    f, g = players("mlp")
+    obj = CTRLObjective(**VARIANTS[variant])
+    x, y = batch()
+    with torch.no_grad():
+        x_hat = g(f(x))  # what the encoder sees as transcriptions in its update
+    before = encoder_quantity(f, g, obj, x, y, x_hat)
+    game = sgd_game(f, g, lr_g=0.0, game_cls=RecordingGame)  # only the encoder moves
+    CTRLStep(obj)(game, x, y)
+    assert encoder_quantity(f, g, obj, x, y, x_hat) > before + 1e-4
+    players_, before, after = game.calls[0]
+    assert players_ == ("encoder",)
+    assert_untouched(before["decoder"], after["decoder"], "decoder during the encoder update")
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_decoder_phase_lowers_decoder_total(variant):
+    f, g = players("mlp")
+    obj = CTRLObjective(**VARIANTS[variant])
+    x, y = batch()
+    before = decoder_quantity(f, g, obj, x, y)
+    game = sgd_game(f, g, lr_f=0.0)  # only the decoder moves
+    f0 = flat(f)
+    CTRLStep(obj)(game, x, y)
+    assert torch.equal(flat(f), f0)
+    assert decoder_quantity(f, g, obj, x, y) < before - 1e-4
+
+
+@pytest.mark.parametrize("options", sorted(STEP_OPTIONS))
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_decoder_phase_leaves_encoder_parameters_and_grads_unchanged(variant, k, options):
+    f, g = players("mlp")
+    obj = CTRLObjective(**VARIANTS[variant])
+    x, y = batch()
+    _, _, last_encoder_grads = reference_step(f, g, obj, x, y, k)
+    game = sgd_game(f, g, game_cls=RecordingGame)
+    CTRLStep(obj, encoder_steps=k, **STEP_OPTIONS[options])(game, x, y)
+    players_, before, after = game.calls[-1]
+    assert players_ == ("decoder",)
+    assert all(gr is not None for _, gr in before["encoder"])  # the encoder's own update's
+    assert_untouched(before["encoder"], after["encoder"], "encoder during the decoder update")
+    # and what is left there is the encoder's gradient of -total from its last update
+    left = torch.cat([p.grad.flatten() for p in f.parameters()])
+    expected = torch.cat([gr.flatten() for gr in last_encoder_grads])
+    assert (left - expected).norm() <= 1e-4 * expected.norm()
+    assert all(p.requires_grad for p in f.parameters())
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_encoder_steps_makes_exactly_k_encoder_updates(k):
+    f, g = players("mlp")
+    obj = CTRLObjective(**VARIANTS["samplewise_l2"])
+    x, y = batch()
+    game = sgd_game(f, g, lr_g=0.0, game_cls=RecordingGame)
+    f0 = flat(f)
+    CTRLStep(obj, encoder_steps=k)(game, x, y)
+    assert [c[0] for c in game.calls] == [("encoder",)] * k + [("decoder",)]
+    changed = [
+        not torch.equal(flat_of(b["encoder"]), flat_of(a["encoder"])) for _, b, a in game.calls
+    ]
+    assert changed == [True] * k + [False]
+    for j in (k - 1, k + 1):  # one update fewer or more is another point
+        ref_f, _, _ = reference_step(with_params(f, f0), g, obj, x, y, j)
+        assert not torch.allclose(flat(f), flat(ref_f), rtol=0, atol=1e-6)
+    ref_f, _, _ = reference_step(with_params(f, f0), g, obj, x, y, k)
+    assert_same_update(f0, flat(f), flat(ref_f))
+
+
+def flat_of(snapshot):
+    return torch.cat([p.flatten() for p, _ in snapshot])
+
+
+# ------------------------------------------------------------------ mixed precision, clipping
+
+
+def test_bf16_autocast_step_on_cpu_runs_in_bf16_and_follows_the_fp32_step():
+    f, g = players("mlp")
+    obj = CTRLObjective(**VARIANTS["samplewise_l2"])
+    x, y = batch()
+    ref_f, ref_g, _ = reference_step(f, g, obj, x, y, 1)
+    f0, g0 = flat(f), flat(g)
+    dtypes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype)) for m in (f.fc, g.fc2)]
+    game = sgd_game(f, g, amp=True, amp_dtype="bfloat16")
+    out = CTRLStep(obj)(game, x, y)
+    for h in hooks:
+        h.remove()
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # the players ran under autocast
+    assert all(p.dtype == torch.float32 for p in [*f.parameters(), *g.parameters()])
+    assert all(torch.isfinite(torch.tensor(float(v))) for v in out.values())
+    # bf16 has ~3 significant digits: the update follows the fp32 one, not exactly
+    assert_same_update(f0, flat(f), flat(ref_f), rtol=0.1)
+    assert_same_update(g0, flat(g), flat(ref_g), rtol=0.1)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])
+def test_grad_clip_bounds_each_players_update(max_norm):
+    f, g = players("mlp")
+    obj = CTRLObjective(**VARIANTS["samplewise_l2"])
+    x, y = batch()
+    ref_f, ref_g, _ = reference_step(f, g, obj, x, y, 1, grad_clip=max_norm)
+    free_f, free_g, _ = reference_step(f, g, obj, x, y, 1)
+    f0, g0 = flat(f), flat(g)
+    game = sgd_game(f, g, grad_clip=max_norm)
+    CTRLStep(obj)(game, x, y)
+    assert_same_update(f0, flat(f), flat(ref_f))
+    assert_same_update(g0, flat(g), flat(ref_g))
+    if max_norm < 1:  # clipping active: each update has norm lr · max_norm
+        assert float((flat(f) - f0).norm()) == pytest.approx(LR_F * max_norm, rel=1e-3)
+        assert float((flat(g) - g0).norm()) == pytest.approx(LR_G * max_norm, rel=1e-3)
+        assert not torch.allclose(flat(f), flat(free_f), rtol=0, atol=1e-6)
+    else:  # inactive: the unclipped step
+        assert torch.equal(flat(ref_f), flat(free_f)) and torch.equal(flat(ref_g), flat(free_g))
