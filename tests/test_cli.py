@@ -4,6 +4,7 @@ steps on embedded data, sweeps, resume, wheel packaging, and two processes under
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from omegaconf import OmegaConf
 
 from ctrl_csc.cli.common import build_models, check_writable, config_dir
 from ctrl_csc.cli.train import run
+from ctrl_csc.engine import load_checkpoint
 
 CONF = Path(config_dir())
 REPO = Path(__file__).resolve().parents[1]
@@ -54,15 +56,24 @@ def test_bare_command_is_the_quickstart():
     )
 
 
+def model_resolution(name):
+    """The image side a model config is for: its name's ``_<size>`` suffix (32 otherwise)."""
+    m = re.search(r"_(\d+)$", name)
+    return int(m.group(1)) if m else 32
+
+
 @pytest.mark.parametrize("model", names("model"))
 def test_every_model_config_builds(model):
-    cfg = cfg_of([f"model={model}"])
+    size = model_resolution(model)
+    cfg = cfg_of([f"model={model}", "dataset.channels=3", f"dataset.image_size={size}"])
     f, g = build_models(cfg.model)
-    x = torch.rand(2, cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size) * 2 - 1
-    if f.in_channels == x.shape[1] and f.image_size == x.shape[-1]:
+    assert (f.in_channels, f.image_size) == (3, (size, size))
+    x = torch.rand(2, 3, size, size) * 2 - 1
+    with torch.no_grad():
         z = f(x)
-        assert z.shape == (2, cfg.model.encoder.feature_dim)
-        assert g(z).shape == x.shape
+        x_hat = g(z)
+    assert z.shape == (2, cfg.model.encoder.feature_dim)
+    assert x_hat.shape == x.shape and torch.isfinite(x_hat).all()
 
 
 @pytest.mark.parametrize("group", ["loss", "optim", "logger", "trainer", "dataset"])
@@ -239,18 +250,43 @@ def _worker(rank, world, port, cfg, out):
     run(cfg, out)
 
 
+def sgd(lr):
+    """Plain SGD for both players: an update is lr × the gradient, so a gradient off by a factor
+    (a missing or doubled average over ranks) shows in the weights (Adam would normalise it)."""
+    return [
+        item
+        for part in ("encoder", "decoder")
+        for item in (
+            f"optim.{part}._target_=torch.optim.SGD",
+            f"~optim.{part}.betas",
+            f"optim.{part}.lr={lr}",
+        )
+    ]
+
+
+def trained_weights(run_dir):
+    models = load_checkpoint(run_dir / "checkpoints" / "last.pt")["models"]
+    return {part: models[part] for part in ("encoder", "decoder")}
+
+
 @pytest.mark.distributed
-def test_two_processes_compute_the_one_process_objective(tmp_path):
-    """2 CPU processes (gloo) on a global batch of 16 = one process with batch 16."""
+def test_two_processes_make_the_one_process_updates(tmp_path):
+    """2 CPU processes (gloo), 8 images each, = one process with the batch of 16: the same
+    objective at every step and the same SGD updates of both players. Multiclass, so the labels
+    are gathered too; no batch statistics (group norm is per image), so the two are comparable."""
     common = [
         "trainer=smoke",
         "trainer.max_steps=3",
+        "loss=ctrl_multiclass",
         "model.encoder.norm=none",
-        "model.decoder.norm=none",
+        "model.decoder.norm=group",
+        "++model.decoder.norm_groups=1",
+        "optim.lr_decay=none",
     ]
-    single = cfg_of([*common, "trainer.batch_size=16"])
+    run(cfg_of([*common, *sgd(0.0), "trainer.max_steps=1"]), tmp_path / "init")
+    single = cfg_of([*common, *sgd(1e-3), "trainer.batch_size=16"])
     run(single, tmp_path / "one")
-    double = cfg_of([*common, "trainer.batch_size=8"])
+    double = cfg_of([*common, *sgd(1e-3), "trainer.batch_size=8"])
     torch.multiprocessing.start_processes(
         _worker,
         args=(2, _free_port(), double, tmp_path / "two"),
@@ -259,13 +295,24 @@ def test_two_processes_compute_the_one_process_objective(tmp_path):
         start_method="spawn",
     )
 
-    def objective(d):
+    def objective(d):  # the total and the classwise term (which needs the gathered labels)
         rows = [json.loads(r) for r in (d / "metrics.jsonl").read_text().splitlines()]
-        return [r["objective/total"] for r in rows if "objective/total" in r]
+        terms = ("objective/total", "objective/delta_R_classwise")
+        return [r[t] for r in rows if "objective/total" in r for t in terms]
 
     one, two = objective(tmp_path / "one"), objective(tmp_path / "two")
-    assert len(one) == len(two) == 3
+    assert len(one) == len(two) == 6
     assert one == pytest.approx(two, rel=1e-4, abs=1e-5)
+    init, w_one, w_two = (trained_weights(tmp_path / d) for d in ("init", "one", "two"))
+    for part in ("encoder", "decoder"):
+        keys = [k for k, v in init[part].items() if v.is_floating_point()]
+        assert keys and w_one[part].keys() == w_two[part].keys()
+        d_one = torch.cat([(w_one[part][k] - init[part][k]).flatten() for k in keys])
+        d_two = torch.cat([(w_two[part][k] - init[part][k]).flatten() for k in keys])
+        assert d_one.norm() > 1e-3, f"the {part} did not move: the comparison would be empty"
+        assert (d_two - d_one).norm() <= 1e-3 * d_one.norm(), (
+            f"{part}: 2-process update off by {float((d_two - d_one).norm() / d_one.norm()):.3g}"
+        )
 
 
 def test_slurm_launcher_config_composes():
