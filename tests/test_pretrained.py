@@ -12,7 +12,9 @@ import ctrl_csc
 from ctrl_csc.cli import evaluate as eval_cli
 from ctrl_csc.cli.common import config_dir
 from ctrl_csc.cli.train import run as train_run
-from ctrl_csc.engine import CheckpointError, load_checkpoint
+from ctrl_csc.data import build_dataset
+from ctrl_csc.engine import CheckpointError, load_checkpoint, save_checkpoint
+from ctrl_csc.eval.metrics import psnr
 from ctrl_csc.pretrained import PRETRAINED, export_release, load_pretrained, read_release
 
 
@@ -29,18 +31,77 @@ def trained(tmp_path_factory):
     return out / "checkpoints" / "last.pt"
 
 
-def test_release_roundtrip_gives_the_same_model(trained, tmp_path):
+@pytest.fixture(scope="module")
+def live_checkpoint(tmp_path_factory):
+    """A training checkpoint of a model that reconstructs: the shipped release's weights, moved
+    off the fp16 grid by a relative 1e-3. (The two-step ``trained`` model's decoder outputs
+    zeros in eval mode, so comparing its reconstructions would compare zeros.)"""
+    states, config, metrics = read_release(PRETRAINED["quickstart"])
+    g = torch.Generator().manual_seed(0)
+    models = {
+        part: {
+            k: v.float() * (1 + 1e-3 * torch.randn(v.shape, generator=g))
+            if v.is_floating_point()
+            else v
+            for k, v in state.items()
+        }
+        for part, state in states.items()
+    }
+    path = tmp_path_factory.mktemp("live") / "live.pt"
+    save_checkpoint({"step": 0, "models": models, "config": config, "metrics": metrics}, path)
+    return path
+
+
+def images_for(config, n=8):
+    c, size = config["dataset"]["channels"], config["dataset"]["image_size"]
+    return torch.rand(n, c, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+def test_release_roundtrip_gives_the_same_model(trained, live_checkpoint, tmp_path):
     release = export_release(trained, tmp_path / "m.safetensors")
     (model_a, cfg_a), (model_b, cfg_b) = load_pretrained(trained), load_pretrained(release)
-    assert cfg_a == cfg_b and cfg_a["model"]["name"] == "csc_ctrl_tiny"
-    x = torch.rand(4, 1, 32, 32) * 2 - 1
-    with torch.no_grad():
-        for a, b in zip(model_a(x), model_b(x)):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert cfg_a == cfg_b == load_checkpoint(trained)["config"]
     states, config, _ = read_release(release)
     ckpt = load_checkpoint(trained)
     for part in ("encoder", "decoder"):
         assert states[part].keys() == ckpt["models"][part].keys()
+    # the same outputs, bit for bit, of a model whose decoder reconstructs something
+    live = export_release(live_checkpoint, tmp_path / "live.safetensors")
+    (model_a, config), (model_b, _) = load_pretrained(live_checkpoint), load_pretrained(live)
+    x = images_for(config)
+    with torch.no_grad():
+        out_a, out_b = model_a(x), model_b(x)
+    assert out_a[1].std() > 0.1
+    for a, b in zip(out_a, out_b):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_fp16_release_loads_the_rounded_weights_and_reconstructs_like_fp32(
+    live_checkpoint, tmp_path
+):
+    full = export_release(live_checkpoint, tmp_path / "fp32.safetensors")
+    half = export_release(live_checkpoint, tmp_path / "fp16.safetensors", dtype=torch.float16)
+    stored = load_file(str(half))
+    floats = {k: v for k, v in load_file(str(full)).items() if v.is_floating_point()}
+    assert floats and all(stored[k].dtype == torch.float16 for k in floats)
+    assert all(not v.is_floating_point() or v.dtype == torch.float16 for v in stored.values())
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    (model_32, config), (model_16, _) = load_pretrained(full), load_pretrained(half)
+    # loaded back into float32 parameters, equal to the checkpoint's weights rounded to fp16
+    ckpt = load_checkpoint(live_checkpoint)["models"]
+    for part, module in (("encoder", model_16.encoder), ("decoder", model_16.decoder)):
+        for k, v in module.state_dict().items():
+            if v.is_floating_point():
+                assert v.dtype == torch.float32, (part, k)
+                assert torch.equal(v, ckpt[part][k].half().float()), (part, k)
+    x = images_for(config)
+    with torch.no_grad():
+        (z_32, x_32), (z_16, x_16) = model_32(x), model_16(x)
+    assert x_32.std() > 0.1  # a reconstruction, not a constant
+    assert not torch.equal(x_16, x_32)  # the rounding is there
+    torch.testing.assert_close(z_16, z_32, rtol=0, atol=5e-3)
+    torch.testing.assert_close(x_16, x_32, rtol=0, atol=2e-2)
+    assert psnr(x_16.clamp(-1, 1), x_32.clamp(-1, 1)).min() > 40  # dB, against fp32's output
 
 
 def test_top_level_load_pretrained_is_the_same_function(trained):
@@ -109,6 +170,41 @@ def test_eval_end_to_end_on_the_shipped_checkpoint(tmp_path):
     assert saved["num_images"] == 64 and saved["dataset"] == saved["trained_on"] == "mnist5k"
     for png in ("reconstructions", "dictionary", "densities", "features"):
         assert (tmp_path / f"{png}.png").stat().st_size > 1000
+
+
+def held_out_psnr(model, dataset_config, n):
+    """Mean PSNR of ``g(f(X))`` over the ``n`` held-out images the trainer evaluates on (the
+    test split, in the order of a permutation seeded with 0), written out here."""
+    options = {k: v for k, v in dataset_config.items() if k != "_target_"}
+    test = build_dataset(split="test", **options)
+    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:n]
+    x = torch.stack([test[int(i)][0] for i in order])
+    with torch.no_grad():
+        x_hat = model.decoder(model.encoder(x)).clamp(-1, 1)
+    mse = (x_hat.double() - x.double()).pow(2).flatten(1).mean(1)
+    return float((10 * torch.log10(2.0**2 / mse)).mean())
+
+
+def test_eval_of_the_shipped_release_reproduces_its_stored_held_out_psnr(tmp_path):
+    _, config, stored = read_release(PRETRAINED["quickstart"])
+    n = config["trainer"]["eval_images"]  # the held-out images the stored PSNR was measured on
+    cfg = compose_cfg(
+        "eval",
+        [
+            "checkpoint=quickstart",
+            f"eval.num_images={n}",
+            "eval.metrics=[psnr]",
+            "eval.plots=false",
+        ],
+    )
+    metrics = eval_cli.run(cfg, tmp_path)
+    model, _ = load_pretrained("quickstart")
+    assert metrics["num_images"] == n
+    # the held-out split, image for image: the same number as computed here
+    assert metrics["psnr"] == pytest.approx(held_out_psnr(model, config["dataset"], n), abs=1e-4)
+    # and what the release says it scores (its weights are stored in fp16: a small tolerance)
+    assert metrics["psnr"] == pytest.approx(stored["psnr"], abs=0.05)
+    assert json.loads((tmp_path / "eval.json").read_text())["psnr"] == metrics["psnr"]
 
 
 def test_eval_on_an_unseen_dataset_resizes_to_the_model(tmp_path):
