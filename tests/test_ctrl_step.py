@@ -8,7 +8,6 @@ here from DESIGN §2 — ``k`` times: ``X̂ = g(f(X))`` without gradient, ascend
 """
 
 import copy
-import inspect
 
 import pytest
 import torch
@@ -52,9 +51,7 @@ class MLPDecoder(nn.Module):
 
 
 # CTRLStep options that must not change the step of players without batch statistics
-STEP_OPTIONS = {"apart": {}}
-if "joint_batch" in inspect.signature(CTRLStep).parameters:
-    STEP_OPTIONS["joint_batch"] = {"joint_batch": True}
+STEP_OPTIONS = {"apart": {}, "joint_batch": {"joint_batch": True}}
 
 
 def players(kind):
@@ -323,3 +320,78 @@ def test_grad_clip_bounds_each_players_update(max_norm):
         assert not torch.allclose(flat(f), flat(free_f), rtol=0, atol=1e-6)
     else:  # inactive: the unclipped step
         assert torch.equal(flat(ref_f), flat(free_f)) and torch.equal(flat(ref_g), flat(free_g))
+
+
+class BNEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 8 * 8, D)
+
+    def forward(self, x):
+        return nn.functional.normalize(self.fc(torch.relu(self.bn(self.conv(x))).flatten(1)), 1)
+
+
+class BufferRecordingGame(Game):
+    """Records the encoder's batch-norm buffers when each update starts and ends."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.records = []
+
+    def _buffers(self):
+        return [b.detach().clone() for b in self.raw_encoder.buffers()]
+
+    def update(self, players, loss):
+        start = self._buffers()
+        super().update(players, loss)
+        self.records.append((players, start, self._buffers()))
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_decoder_phase_leaves_the_encoders_batch_statistics(joint):
+    torch.manual_seed(0)
+    f, g = BNEncoder(), MLPDecoder()
+    game = sgd_game(f, g, game_cls=BufferRecordingGame)
+    step = CTRLStep(CTRLObjective(**VARIANTS["samplewise_l2"]), joint_batch=joint)
+    x, y = batch()
+    step(game, x, y)
+    (enc, _, after_encoder), (dec, before_decoder, _) = game.records
+    assert enc == ("encoder",) and dec == ("decoder",)
+    for a, b in zip(after_encoder, before_decoder):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_joint_batch_normalises_data_and_transcriptions_together():
+    """With batch norm, the joint step's encoder update is that of the objective on
+    ``f([X; X̂])`` (one batch's statistics), with ``X̂ = g(f(X))`` made without touching the
+    running statistics; the running mean moves by the statistics of that joint batch only."""
+    torch.manual_seed(0)
+    f, g = BNEncoder(), MLPDecoder()
+    obj = CTRLObjective(**VARIANTS["samplewise_l2"])
+    x, y = batch()
+    ref_f, ref_g = copy.deepcopy(f), copy.deepcopy(g)
+    # reference, written out: statistics of X alone for X̂, then one pass on [X; X̂]
+    with torch.no_grad():
+        stats = [b.clone() for b in ref_f.buffers()]
+        x_hat = ref_g(ref_f(x))
+        for b, s in zip(ref_f.buffers(), stats):
+            b.copy_(s)
+        pre_bn = ref_f.conv(torch.cat([x, x_hat]))
+    both = ref_f(torch.cat([x, x_hat]))
+    total = obj(both[:N], both[N:]).total
+    grads = torch.autograd.grad(-total, list(ref_f.parameters()))
+    expected = flat(f) - LR_F * torch.cat([gr.flatten() for gr in grads])
+    expected_mean = 0.9 * torch.zeros(4) + 0.1 * pre_bn.mean((0, 2, 3))
+
+    game = sgd_game(f, g, game_cls=BufferRecordingGame)
+    CTRLStep(obj, joint_batch=True)(game, x, y)
+    _, _, after_encoder = game.records[0]
+    assert_same_update(flat(ref_f), flat(f), expected)
+    torch.testing.assert_close(after_encoder[0], expected_mean, rtol=1e-5, atol=1e-6)
+    # encoded apart, X̂'s batch is normalised by its own statistics: a different update
+    f2, g2 = copy.deepcopy(ref_f), copy.deepcopy(ref_g)
+    game2 = sgd_game(f2, g2)
+    CTRLStep(obj, joint_batch=False)(game2, x, y)
+    assert (flat(f2) - expected).norm() > 1e-3 * (expected - flat(ref_f)).norm()

@@ -101,6 +101,17 @@ def test_samplewise_signs_and_distances(distance):
     assert close(t.decoder_total, dr + beta * dist, 1e-10)  # what the decoder minimises
 
 
+def test_samplewise_encoder_beta_weighs_the_encoders_penalty_only():
+    Z, Zh, _ = data()
+    t = CTRLObjective("samplewise", eps_sq=EPS, beta=5.0, distance="l2", encoder_beta=0.5)(Z, Zh)
+    dist = ((Z - Zh) ** 2).sum(1).mean()
+    dr = ref_pair(Z, Zh)
+    assert close(t.total, ref_R(Z) + dr - 0.5 * dist, 1e-10)
+    assert close(t.decoder_total, dr + 5.0 * dist, 1e-10)
+    with pytest.raises(ValueError, match="encoder_beta"):
+        CTRLObjective("samplewise", encoder_beta=-1.0)
+
+
 def test_samplewise_rate_distance_zero_at_perfect_reconstruction():
     Z, _, _ = data()
     t = CTRLObjective("samplewise", beta=3.0)(Z, Z.clone())

@@ -22,11 +22,31 @@ if TYPE_CHECKING:
     from ctrl_csc.engine.trainer import Game
     from ctrl_csc.losses import CTRLObjective
 
-__all__ = ["TrainStep", "CTRLStep", "ReconstructionStep", "frozen"]
+__all__ = ["TrainStep", "CTRLStep", "ReconstructionStep", "frozen", "frozen_statistics"]
 
 
 class TrainStep(Protocol):
     def __call__(self, game: Game, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+@contextmanager
+def frozen_statistics(module: nn.Module) -> Iterator[nn.Module]:
+    """Batch-norm layers of ``module`` still normalise by the batch's statistics (training
+    mode) but leave their running statistics as they were (momentum 0 inside the block)."""
+    norms = [
+        (m, m.momentum) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    counts = [m.num_batches_tracked.clone() for m, _ in norms if m.num_batches_tracked is not None]
+    for m, _ in norms:
+        m.momentum = 0.0
+    try:
+        yield module
+    finally:
+        tracked = iter(counts)
+        for m, momentum in norms:
+            m.momentum = momentum
+            if m.num_batches_tracked is not None:
+                m.num_batches_tracked.copy_(next(tracked))
 
 
 @contextmanager
@@ -53,23 +73,47 @@ class CTRLStep:
     2. once: ``Z = f(X)`` under ``no_grad``, ``X̂ = g(Z)``, ``Ẑ = f(X̂)`` with f's parameters frozen,
        and the decoder *descends* ``terms.decoder_total``.
 
-    The two signs of the minimax game are written here and nowhere else.
+    The two signs of the minimax game are written here and nowhere else. The decoder phase leaves
+    the encoder's state alone: its parameters get no gradient and its batch-norm running
+    statistics do not move.
+
+    ``joint_batch`` (for encoders with batch norm): ``X`` and ``X̂`` are encoded as one batch
+    ``f([X; X̂])``, so both are normalised by the same statistics. Encoded apart, each batch is
+    normalised by its own mean and variance, and the encoder cannot see a difference between
+    ``X`` and ``X̂`` that is shared by the whole batch (a brightness, a contrast, a texture
+    energy); the running statistics then also mix statistics of real and transcribed batches
+    that training never normalised together. ``Z`` for ``X̂ = g(Z)`` comes from a pass on ``X``
+    alone (no gradient, running statistics untouched); the objective uses ``Z`` and ``Ẑ`` from
+    the joint pass. Costs one extra gradient-free encoder pass per phase.
 
     Args:
         objective: a :class:`~ctrl_csc.losses.CTRLObjective` (binary, multiclass or samplewise).
         encoder_steps: encoder updates per decoder update (``k`` in DESIGN §2), at least 1.
         noise_std: standard deviation of Gaussian noise added to the encoder's input ``X`` (the
             denoising option); 0 disables it.
+        joint_batch: encode ``[X; X̂]`` in one pass (see above).
     """
 
     def __init__(
-        self, objective: CTRLObjective, encoder_steps: int = 1, noise_std: float = 0.0
+        self,
+        objective: CTRLObjective,
+        encoder_steps: int = 1,
+        noise_std: float = 0.0,
+        joint_batch: bool = False,
     ) -> None:
         if encoder_steps < 1:
             raise ValueError(f"loss.encoder_steps must be >= 1, got {encoder_steps}")
         if noise_std < 0:
             raise ValueError(f"loss.noise_std must be >= 0, got {noise_std}")
         self.objective, self.encoder_steps, self.noise_std = objective, encoder_steps, noise_std
+        self.joint_batch = bool(joint_batch)
+
+    def _encode_pair(self, f: nn.Module, x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor):
+        """``(Z, Ẑ)`` for the objective: ``(z, f(X̂))``, or both from ``f([X; X̂])``."""
+        if not self.joint_batch:
+            return z, f(x_hat)
+        both = f(torch.cat([x, x_hat]))
+        return both[: len(x)], both[len(x) :]
 
     def __call__(self, game: Game, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         labels = y if self.objective.needs_labels else None
@@ -77,20 +121,27 @@ class CTRLStep:
         f_raw, g_raw = game.raw_encoder, game.raw_decoder
 
         for _ in range(self.encoder_steps):
+            x_in = add_noise(x, self.noise_std)
             with game.autocast():
-                z = f(add_noise(x, self.noise_std))
+                if self.joint_batch:
+                    with torch.no_grad(), frozen_statistics(f_raw):
+                        z = f_raw(x_in)
+                else:
+                    z = f(x_in)
                 with torch.no_grad():
                     x_hat = g_raw(z.detach())
-                z_hat = f(x_hat)
+                z, z_hat = self._encode_pair(f, x_in, x_hat, z)
             terms = self.objective(z.float(), z_hat.float(), labels)
             game.check_finite(terms.total, "encoder objective")
             game.update(("encoder",), -terms.total)  # the encoder maximises T
 
-        with torch.no_grad(), game.autocast():
-            z = f_raw(add_noise(x, self.noise_std))
-        with frozen(f_raw), game.autocast():
-            x_hat = g(z)
-            z_hat = f_raw(x_hat)
+        x_in = add_noise(x, self.noise_std)
+        with frozen_statistics(f_raw):
+            with torch.no_grad(), game.autocast():
+                z = f_raw(x_in)
+            with frozen(f_raw), game.autocast():
+                x_hat = g(z)
+                z, z_hat = self._encode_pair(f_raw, x_in, x_hat, z)
         terms = self.objective(z.float(), z_hat.float(), labels)
         game.check_finite(terms.decoder_total, "decoder objective")
         game.update(("decoder",), terms.decoder_total)  # the decoder minimises its quantity

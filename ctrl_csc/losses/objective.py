@@ -85,6 +85,15 @@ _DISTANCES: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
 _VARIANTS = ("binary", "multiclass", "samplewise")
 
 
+def _check_weight(name: str, value: object) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value >= 0)
+    ):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
 class CTRLObjective(nn.Module):
     r"""Rate-reduction objective of the closed-loop transcription game.
 
@@ -101,6 +110,11 @@ class CTRLObjective(nn.Module):
             accepts any label ≥ 0. Absent classes contribute nothing either way.
         gammas: (γ₁, γ₂, γ₃), weights of the ``multiclass`` terms.
         beta: β ≥ 0, weight of the sample-wise penalty (``samplewise``).
+        encoder_beta: weight of the sample-wise penalty in what the *encoder* maximises;
+            ``None`` (default) uses ``beta`` for both players, as DESIGN writes it. The encoder
+            can lower the penalty by becoming blind to how ``X̂`` differs from ``X`` (mapping
+            both to the same features) rather than by the decoder getting better, so a smaller
+            encoder weight keeps it a critic (see ``experiments/notes/``).
         distance: sample-wise distance ``d(z, ẑ)`` (``samplewise``): ``"rate"`` — the rate
             reduction ``ΔR({z}, {ẑ})`` of the pair, in closed form; ``"l2"`` — ``‖z − ẑ‖²``;
             ``"cosine"`` — ``1 − cos(z, ẑ)``.
@@ -124,6 +138,7 @@ class CTRLObjective(nn.Module):
         gammas: Sequence[float] = (1.0, 1.0, 1.0),
         beta: float = 1.0,
         distance: str = "rate",
+        encoder_beta: float | None = None,
         gather: bool = True,
         float64: bool = False,
     ) -> None:
@@ -135,17 +150,15 @@ class CTRLObjective(nn.Module):
         gammas = tuple(float(g) for g in gammas)
         if len(gammas) != 3 or not all(math.isfinite(g) for g in gammas):
             raise ValueError(f"gammas must be three finite numbers (γ₁, γ₂, γ₃), got {gammas!r}")
-        if (
-            isinstance(beta, bool)
-            or not isinstance(beta, (int, float))
-            or not (math.isfinite(beta) and beta >= 0)
-        ):
-            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+        _check_weight("beta", beta)
+        if encoder_beta is not None:
+            _check_weight("encoder_beta", encoder_beta)
         self.variant = variant
         self.eps_sq = _check_eps_sq(eps_sq)
         self.num_classes = _check_num_classes(num_classes)
         self.gammas = gammas
         self.beta = float(beta)
+        self.encoder_beta = self.beta if encoder_beta is None else float(encoder_beta)
         self.distance = distance
         self.gather = bool(gather)
         self.float64 = bool(float64)
@@ -161,6 +174,8 @@ class CTRLObjective(nn.Module):
             parts += [f"num_classes={self.num_classes}", f"gammas={self.gammas}"]
         if self.variant == "samplewise":
             parts += [f"beta={self.beta}", f"distance={self.distance!r}"]
+            if self.encoder_beta != self.beta:
+                parts.append(f"encoder_beta={self.encoder_beta}")
         return ", ".join(parts + [f"gather={self.gather}", f"float64={self.float64}"])
 
     def forward(self, Z: Tensor, Zh: Tensor, labels: Tensor | None = None) -> ObjectiveTerms:
@@ -252,7 +267,7 @@ class CTRLObjective(nn.Module):
         dr = terms["delta_R_Z_Zh"]
         return (
             ObjectiveTerms(
-                total=terms["R_Z"] + dr - self.beta * dist,
+                total=terms["R_Z"] + dr - self.encoder_beta * dist,
                 decoder_total=dr + self.beta * dist,
                 terms=terms,
             ),
