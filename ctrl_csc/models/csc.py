@@ -76,6 +76,10 @@ class CSCEncoder(ImageEncoder):
             the raw ``Linear`` output (e.g. for an autoencoder).
         stage_defaults: keys merged into every mapping in ``stages`` (a stage's own keys win),
             e.g. ``{lmbda: 0.1, n_iter: 2}``.
+        projection: ``True``: a learned ``Linear`` maps the flattened last code to
+            ``feature_dim``; ``False``: the flattened last code *is* the feature (before the
+            sphere), so ``feature_dim`` must equal ``C_last·H_last·W_last`` and the encoder's
+            only weights are its dictionaries (and norms).
 
     Attributes:
         stages: ``nn.ModuleList`` of :class:`ctrl_csc.nn.CSCLayer` (the dictionaries are their
@@ -96,6 +100,7 @@ class CSCEncoder(ImageEncoder):
         negative_slope: float = 0.2,
         normalize: bool = True,
         stage_defaults: Mapping[str, Any] | None = None,
+        projection: bool = True,
     ) -> None:
         super().__init__(in_channels, image_size, feature_dim, normalize)
         from ctrl_csc.nn import CSCLayer
@@ -124,7 +129,17 @@ class CSCEncoder(ImageEncoder):
             self.code_sizes.append(size)
             c = spec.out_channels
         self.code_shape = (c, *size)
-        self.projection = nn.Linear(c * size[0] * size[1], self.feature_dim)
+        flat = c * size[0] * size[1]
+        if projection:
+            self.projection: nn.Module = nn.Linear(flat, self.feature_dim)
+        elif flat != self.feature_dim:
+            raise ValueError(
+                f"model.encoder.projection=false makes the last code ({c}x{size[0]}x{size[1]} = "
+                f"{flat} values) the feature, but model.encoder.feature_dim={self.feature_dim}; "
+                f"set feature_dim: {flat} or projection: true"
+            )
+        else:
+            self.projection = nn.Identity()
 
     def _run(self, x: Tensor, codes: list[Tensor] | None) -> Tensor:
         self.check_input(x)

@@ -40,6 +40,7 @@ class CSCStageSpec:
         learn_lmbda, learn_step: λ / step size are trainable parameters.
         power_iters, init_power_iters: power-iteration steps per training forward / at init.
         lmbda_relative: ``lmbda`` is a fraction (``< 1``) of each sample's ``λ_max = ‖Dᵀu‖_∞``.
+        init_std: initial std of the stored atoms' entries (``None``: unit-norm atoms).
         norm: normalisation after the stage (``"batch" | "group" | "none"``); ``None`` uses the
             encoder's ``norm``.
         activation: nonlinearity after the norm (``"none"`` by default: the prox is the
@@ -61,6 +62,7 @@ class CSCStageSpec:
     power_iters: int = 1
     init_power_iters: int = 50
     lmbda_relative: bool = False
+    init_std: float | None = None
     norm: str | None = None
     activation: str = "none"
 
@@ -89,6 +91,7 @@ class DeconvStageSpec:
         lmbda, mu, n_iter, algorithm, nonnegative, normalize_atoms, learn_lmbda, learn_step,
             power_iters, init_power_iters, lmbda_relative: solver options (used by
             ``inverse_csc``).
+        init_std: initial std of the stored atoms' entries (``None``: unit-norm atoms).
         norm: normalisation after the stage (not after the last stage); ``None`` uses the decoder's
             ``norm``.
         activation: nonlinearity after the norm (not after the last stage); ``"auto"`` means
@@ -112,6 +115,7 @@ class DeconvStageSpec:
     power_iters: int = 1
     init_power_iters: int = 50
     lmbda_relative: bool = False
+    init_std: float | None = None
     norm: str | None = None
     activation: str = "auto"
 

@@ -91,6 +91,25 @@ def _normalize(weight: Tensor, dims: tuple[int, ...]) -> Tensor:
     return weight / norms.clamp_min(_NORM_EPS)
 
 
+def _check_init_std(init_std: float | None, owner: str) -> float | None:
+    if init_std is None:
+        return None
+    if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not init_std > 0:
+        raise ValueError(f"{owner}: init_std must be a number > 0 or null, got {init_std!r}")
+    return float(init_std)
+
+
+def _init_atoms(weight: Tensor, dims: tuple[int, ...], init_std: float | None) -> None:
+    """Gaussian atoms scaled to unit norm (``init_std=None``) or with i.i.d. ``N(0, init_std²)``
+    entries."""
+    with torch.no_grad():
+        if init_std is None:
+            nn.init.normal_(weight)
+            weight.copy_(_normalize(weight, dims))
+        else:
+            nn.init.normal_(weight, std=init_std)
+
+
 class CSCLayer(nn.Module):
     """Convolutional sparse coding stage: an unrolled ISTA/FISTA solver of a convolutional Lasso.
 
@@ -121,6 +140,13 @@ class CSCLayer(nn.Module):
         lmbda_relative: ``lmbda`` is a fraction ``ρ < 1`` of each sample's
             ``λ_max = ‖Dᵀx‖_∞`` (``max(Dᵀx)`` for non-negative codes), the smallest λ giving
             the zero code: ``λ = ρ·λ_max`` means the same at every stage and input scale.
+        init_std: ``None``: the stored atoms start at unit norm; a number: their entries start
+            i.i.d. ``N(0, init_std²)``. With ``normalize_atoms`` the operators use unit-norm
+            atoms either way, and the stored scale only sets how fast an optimiser that steps
+            each entry by about its learning rate (Adam) turns the atoms: unit-norm storage turns
+            an atom of ``n`` entries ``∝ √n`` times faster, so small first-stage atoms (``n =
+            C·k²``, e.g. 16) barely move while large later ones do; one ``init_std`` for every
+            stage gives each the same speed.
 
     Shapes:
         input ``(N, C_in, H, W)`` → code ``(N, C_out, h, w)``, ``h = ⌊(H + 2p − k)/s⌋ + 1``.
@@ -148,6 +174,7 @@ class CSCLayer(nn.Module):
         power_iters: int = 1,
         init_power_iters: int = 50,
         lmbda_relative: bool = False,
+        init_std: float | None = None,
     ) -> None:
         super().__init__()
         owner = "CSCLayer"
@@ -164,6 +191,7 @@ class CSCLayer(nn.Module):
         self.stride = stride
         self.padding = padding
         self.normalize_atoms = bool(normalize_atoms)
+        self.init_std = _check_init_std(init_std, owner)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.solver = UnrolledLasso(
             out_channels, lmbda, mu, n_iter, algorithm, nonnegative, learn_lmbda, learn_step,
@@ -172,10 +200,8 @@ class CSCLayer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Gaussian atoms scaled to unit norm."""
-        with torch.no_grad():
-            nn.init.normal_(self.weight)
-            self.weight.copy_(_normalize(self.weight, (1, 2, 3)))
+        """Gaussian atoms: unit norm, or entries of standard deviation ``init_std``."""
+        _init_atoms(self.weight, (1, 2, 3), self.init_std)
 
     # ---- hyperparameters --------------------------------------------------------------------
     @property
@@ -324,6 +350,7 @@ class SparseDeconvLayer(nn.Module):
         lmbda, mu, n_iter, algorithm, nonnegative, learn_lmbda, learn_step, power_iters,
         init_power_iters, lmbda_relative: solver options, as for :class:`CSCLayer`
         (``inverse_csc`` only).
+        init_std: initial scale of the stored atoms, as for :class:`CSCLayer`.
         normalize_atoms: see the kinds.
 
     Shapes:
@@ -354,6 +381,7 @@ class SparseDeconvLayer(nn.Module):
         power_iters: int = 1,
         init_power_iters: int = 50,
         lmbda_relative: bool = False,
+        init_std: float | None = None,
     ) -> None:
         super().__init__()
         owner = "SparseDeconvLayer"
@@ -378,6 +406,7 @@ class SparseDeconvLayer(nn.Module):
         self.padding = padding
         self.kind = kind
         self.normalize_atoms = bool(normalize_atoms)
+        self.init_std = _check_init_std(init_std, owner)
         self.weight = nn.Parameter(torch.empty(in_channels, out_channels, kernel_size, kernel_size))
         self.solver = (
             UnrolledLasso(
@@ -403,10 +432,8 @@ class SparseDeconvLayer(nn.Module):
         return (1, 2, 3) if self.kind == "synthesis" else (0, 2, 3)
 
     def reset_parameters(self) -> None:
-        """Gaussian atoms scaled to unit norm."""
-        with torch.no_grad():
-            nn.init.normal_(self.weight)
-            self.weight.copy_(_normalize(self.weight, self._atom_dims))
+        """Gaussian atoms: unit norm, or entries of standard deviation ``init_std``."""
+        _init_atoms(self.weight, self._atom_dims, self.init_std)
 
     def dictionary(self) -> Tensor:
         """``A'`` as used by the operator (normalised if ``normalize_atoms``).
