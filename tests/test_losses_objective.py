@@ -114,7 +114,7 @@ def test_samplewise_encoder_beta_weighs_the_encoders_penalty_only():
 
 def test_samplewise_rate_distance_zero_at_perfect_reconstruction():
     Z, _, _ = data()
-    t = CTRLObjective("samplewise", beta=3.0)(Z, Z.clone())
+    t = CTRLObjective("samplewise", beta=3.0, distance="rate")(Z, Z.clone())
     assert abs(float(t.terms["samplewise_distance"])) < 1e-12
     assert abs(float(t.decoder_total)) < 1e-10
     assert close(t.total, ref_R(Z), 1e-10)

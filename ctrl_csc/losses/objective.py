@@ -112,12 +112,13 @@ class CTRLObjective(nn.Module):
         beta: β ≥ 0, weight of the sample-wise penalty (``samplewise``).
         encoder_beta: weight of the sample-wise penalty in what the *encoder* maximises;
             ``None`` (default) uses ``beta`` for both players, as DESIGN writes it. The encoder
-            can lower the penalty by becoming blind to how ``X̂`` differs from ``X`` (mapping
-            both to the same features) rather than by the decoder getting better, so a smaller
-            encoder weight keeps it a critic (see ``experiments/notes/``).
-        distance: sample-wise distance ``d(z, ẑ)`` (``samplewise``): ``"rate"`` — the rate
-            reduction ``ΔR({z}, {ẑ})`` of the pair, in closed form; ``"l2"`` — ``‖z − ẑ‖²``;
-            ``"cosine"`` — ``1 − cos(z, ẑ)``.
+            can lower its penalty by becoming blind to how ``X̂`` differs from ``X`` (mapping
+            both to the same features) instead of waiting for the decoder to improve; a smaller
+            encoder weight makes it more of a critic (``experiments/notes/method.md``).
+        distance: sample-wise distance ``d(z, ẑ)`` (``samplewise``): ``"l2"`` (default, as
+            u-CTRL uses in practice) — ``‖z − ẑ‖²``; ``"cosine"`` — ``1 − cos(z, ẑ)``;
+            ``"rate"`` — the rate reduction ``ΔR({z}, {ẑ})`` of the pair, in closed form (its
+            gradient is zero at ``ẑ ⟂ z``, where an untrained model starts).
         gather: when ``torch.distributed`` is initialised with more than one rank, all-gather
             ``Z``, ``Zh`` (with gradients, :func:`~ctrl_csc.losses.all_gather_with_grad`) and the
             labels, so every rank computes the objective of the global batch. The gathered
@@ -137,7 +138,7 @@ class CTRLObjective(nn.Module):
         num_classes: int | None = None,
         gammas: Sequence[float] = (1.0, 1.0, 1.0),
         beta: float = 1.0,
-        distance: str = "rate",
+        distance: str = "l2",
         encoder_beta: float | None = None,
         gather: bool = True,
         float64: bool = False,
