@@ -24,6 +24,7 @@ from ctrl_csc.eval import (
     plot_dictionary,
 )
 from ctrl_csc.models import CSCEncoder, DCGANEncoder
+from ctrl_csc.nn.solver import UnrolledLasso
 
 C, S = 2, 9  # image channels and side of the small models
 
@@ -89,8 +90,10 @@ def dense_synthesis(atoms, stride, padding, size):
 
 
 def dense_code(m, u, lmbda, n_iter, algorithm, nonnegative):
-    """DESIGN §2's ISTA/FISTA from ``z₀ = 0`` with ``η = 1/‖DᵀD‖₂`` (exact), columns of ``u``."""
-    eta = 1.0 / torch.linalg.eigvalsh(m.T @ m).max()
+    """DESIGN §2's ISTA/FISTA from ``z₀ = 0`` with ``η = 1/((1 + δ)‖DᵀD‖₂)`` (exact ``‖DᵀD‖₂``,
+    the solver's safety margin ``δ``), columns of ``u``."""
+    margin = 1.0 + UnrolledLasso.STEP_MARGIN
+    eta = 1.0 / (margin * torch.linalg.eigvalsh(m.T @ m).max())
 
     def prox(v):
         return (

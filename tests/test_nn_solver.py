@@ -98,7 +98,8 @@ def csc_problem(nonnegative, mu=0.0, n_iter=2, algorithm="fista", lmbda=0.1, siz
 def test_csc_iterations_follow_design(algorithm, nonnegative, mu):
     layer, m, x = csc_problem(nonnegative, mu, algorithm=algorithm)
     layer.eval()
-    eta = 1.0 / float(layer.lipschitz(x.shape[-2:]))
+    layer.lipschitz(x.shape[-2:])
+    eta = float(layer.solver.step_size())
     u = x.reshape(2, -1)
     for n_iter in (1, 2, 3, 5):
         layer.solver.n_iter = n_iter
@@ -117,7 +118,8 @@ def test_inverse_csc_iterations_follow_design(nonnegative):
     coarse, fine = (3, 3), (5, 6)
     m = dense_matrix(layer.operator(coarse, fine).apply, (2, *fine))
     z = torch.randn(2, 3, *coarse, dtype=F64)
-    eta = 1.0 / float(layer.lipschitz(coarse, fine))
+    layer.lipschitz(coarse, fine)
+    eta = float(layer.solver.step_size())
     with torch.no_grad():
         v = layer(z, fine).reshape(2, -1)
     expected = design_iterations(m, z.reshape(2, -1), eta, 0.05, 0.0, 4, "fista", nonnegative)
@@ -216,7 +218,7 @@ def test_csc_gradients_match_finite_differences(nonnegative, mu):
     assert [n for n, _ in layer.named_parameters()] == [
         "weight",
         "solver.raw_lmbda",
-        "solver.log_step_scale",
+        "solver.raw_step_scale",
     ]
     assert _gradcheck_layer(layer, x)
 
@@ -286,7 +288,8 @@ def test_relative_lambda_is_per_sample_absolute_lambda(algorithm, nonnegative, m
     layer.solver.lmbda_relative = True
     layer.eval()
     x = x * torch.tensor([1.0, 7.0], dtype=F64).reshape(2, 1, 1, 1)  # two different scales
-    eta = 1.0 / float(layer.lipschitz(x.shape[-2:]))
+    layer.lipschitz(x.shape[-2:])
+    eta = float(layer.solver.step_size())
     u = x.reshape(2, -1)
     corr = u @ m
     lam_max = corr.clamp_min(0).amax(1) if nonnegative else corr.abs().amax(1)
@@ -331,3 +334,22 @@ def test_relative_lambda_must_be_a_fraction():
         CSCLayer(2, 3, 3, lmbda=1.0, lmbda_relative=True)
     with pytest.raises(ValueError, match="lmbda_relative"):
         SparseDeconvLayer(3, 2, 3, kind="inverse_csc", lmbda=1.5, lmbda_relative=True)
+
+
+@pytest.mark.parametrize("algorithm, bound", [("ista", 2.0), ("fista", 1.0)])
+def test_step_has_a_margin_and_a_learned_step_stays_bounded(algorithm, bound):
+    """η = m/((1 + δ)L̂) ≤ m/L_true once the estimate is within δ, and a learned m stays below
+    the algorithm's convergence bound however far its parameter is pushed."""
+    layer, m, x = csc_problem(False, algorithm=algorithm)
+    layer.eval()
+    l_true = float(torch.linalg.eigvalsh(m.T @ m).max())
+    l_hat = float(layer.lipschitz(x.shape[-2:]))
+    assert l_hat <= l_true * (1 + 1e-9) and l_hat * (1 + layer.solver.STEP_MARGIN) >= l_true
+    assert float(layer.solver.step_size()) * l_true <= 1.0 + 1e-9
+    learned = CSCLayer(2, 3, 3, stride=2, algorithm=algorithm, learn_step=True).double().eval()
+    learned.lipschitz(x.shape[-2:])
+    start = float(learned.solver.step_scale)
+    assert start == pytest.approx(1.0 if algorithm == "ista" else 0.95)
+    with torch.no_grad():
+        learned.solver.raw_step_scale.fill_(50.0)
+    assert float(learned.solver.step_scale) <= bound

@@ -134,7 +134,7 @@ class CSCLayer(nn.Module):
         nonnegative: constrain the code to ``z ≥ 0``.
         normalize_atoms: use ``A[j]/‖A[j]‖`` (on the fly, differentiably) as atoms.
         learn_lmbda: learn ``λ`` (as ``softplus(ρ)``, needs ``lmbda > 0``).
-        learn_step: learn a multiplier (initially 1) on ``η``.
+        learn_step: learn a multiplier on ``η``, bounded so the iterations still converge.
         power_iters: power-iteration steps per training forward (``≥ 0``).
         init_power_iters: power-iteration steps at a new input size / before evaluation.
         lmbda_relative: ``lmbda`` is a fraction ``ρ < 1`` of each sample's

@@ -390,12 +390,13 @@ class UnrolledLasso(nn.Module):
     :class:`~ctrl_csc.nn.SparseDeconvLayer`; the layers own the dictionary and pass the operator
     built from it to :meth:`forward`.
 
-    Step size. ``η = m / L`` with ``L`` the power-iteration estimate of ``‖AᵀA‖₂`` for the
-    current spatial sizes and ``m`` a learnable multiplier (``learn_step``, ``m = exp(ρ)``,
-    initially 1; otherwise ``m = 1``). ``L`` is a lower bound that converges from below, so ``η``
-    may exceed ``1/L_true`` by the (small) residual of the power iteration; DESIGN fixes
-    ``η = 1/L`` and we keep it (ISTA is monotone for any ``η < 2/L``, FISTA is insensitive to
-    such small excess in practice). The vector is warm-started from call to call and estimated:
+    Step size. ``η = m / ((1 + δ) L)`` with ``L`` the power-iteration estimate of ``‖AᵀA‖₂`` for
+    the current spatial sizes, ``δ = STEP_MARGIN`` and ``m`` a multiplier. ``L`` is a lower bound
+    that converges from below (a 50-step estimate can be ~1% low), and ``δ`` keeps ``η`` at or
+    below ``1/L_true``, where FISTA's guarantees hold. Without ``learn_step`` ``m = 1``; with it
+    ``m = m_max·sigmoid(ρ)`` is learned but bounded by ``m_max = 1`` (FISTA) or ``2`` (ISTA, which
+    converges for ``η < 2/L``), starting at ``m = 1`` (ISTA) or ``0.95`` (FISTA). The vector is
+    warm-started from call to call and estimated:
 
     * from a fixed pseudo-random start with ``init_power_iters`` steps when the spatial sizes
       change (or at first use);
@@ -422,6 +423,8 @@ class UnrolledLasso(nn.Module):
     """
 
     _LIP_BUFFERS = ("power_vector", "lipschitz_estimate", "lipschitz_shape")
+    #: relative safety margin ``δ`` of the step ``η = m/((1 + δ)L)`` over the power-iteration ``L``
+    STEP_MARGIN = 0.02
 
     def __init__(
         self,
@@ -454,7 +457,11 @@ class UnrolledLasso(nn.Module):
         self.raw_lmbda = (
             nn.Parameter(torch.tensor(_inverse_softplus(float(lmbda)))) if learn_lmbda else None
         )
-        self.log_step_scale = nn.Parameter(torch.zeros(())) if learn_step else None
+        self.max_step_scale = 1.0 if algorithm == "fista" else 2.0
+        start = min(1.0, 0.95 * self.max_step_scale) / self.max_step_scale  # sigmoid(ρ₀)
+        self.raw_step_scale = (
+            nn.Parameter(torch.tensor(math.log(start / (1.0 - start)))) if learn_step else None
+        )
         self.register_buffer("power_vector", torch.zeros(0))
         self.register_buffer("lipschitz_estimate", torch.zeros(()))
         self.register_buffer("lipschitz_shape", torch.zeros(4, dtype=torch.long))
@@ -472,10 +479,11 @@ class UnrolledLasso(nn.Module):
 
     @property
     def step_scale(self) -> Tensor | float:
-        """The multiplier ``m`` of ``η = m/L`` (a 0-dim tensor when learnable)."""
-        if self.log_step_scale is None:
+        """The multiplier ``m`` of ``η = m/((1 + δ)L)`` (a 0-dim tensor in ``(0, m_max)`` when
+        learnable)."""
+        if self.raw_step_scale is None:
             return 1.0
-        return self.log_step_scale.exp()
+        return self.max_step_scale * torch.sigmoid(self.raw_step_scale)
 
     # ---- Lipschitz constant -----------------------------------------------------------------
     def _initial_vector(self, size: tuple[int, int], like: Tensor) -> Tensor:
@@ -533,9 +541,10 @@ class UnrolledLasso(nn.Module):
         return self.lipschitz_estimate.detach().clone()
 
     def step_size(self) -> Tensor:
-        """``η = m/L`` from the current estimate (differentiable in ``m`` only)."""
+        """``η = m/((1 + δ)L)`` from the current estimate (differentiable in ``m`` only)."""
         lip = self.lipschitz_estimate.clone()  # a normal tensor even if made in inference mode
-        return self.step_scale / lip.clamp_min(torch.finfo(lip.dtype).tiny)
+        lip = lip.clamp_min(torch.finfo(lip.dtype).tiny) * (1.0 + self.STEP_MARGIN)
+        return self.step_scale / lip
 
     # ---- solving ----------------------------------------------------------------------------
     def forward(
@@ -636,6 +645,6 @@ class UnrolledLasso(nn.Module):
         return (
             f"lmbda={lmbda}{rel}, mu={self.mu}, n_iter={self.n_iter}, "
             f"algorithm={self.algorithm!r}, "
-            f"nonnegative={self.nonnegative}, learn_step={self.log_step_scale is not None}, "
+            f"nonnegative={self.nonnegative}, learn_step={self.raw_step_scale is not None}, "
             f"power_iters={self.power_iters}, init_power_iters={self.init_power_iters}"
         )
