@@ -41,7 +41,6 @@ HEADER = re.compile(
 EXTRA = [
     ("csc_ctrl_32", 1, 28),
     ("dcgan_ctrl_32", 1, 28),
-    ("csc_ctrl_tiny", 1, 28),
     ("csc_ctrl_tiny", 3, 32),
 ]
 BATCH = 2
@@ -101,8 +100,8 @@ def test_config_keys(run):
     cfg = run["cfg"]
     assert cfg.name == run["name"]
     assert cfg.family in ("ctrl", "autoencoder")
-    # the paper configs use DESIGN's d = 128; the CPU quickstart model a 1024-d feature
-    d = 1024 if run["name"] == "csc_ctrl_tiny" else 128
+    # the paper configs use DESIGN's d = 128; the CPU quickstart's feature is its last code
+    d = 2048 if run["name"] == "csc_ctrl_tiny" else 128
     assert cfg.encoder.feature_dim == d and cfg.decoder.feature_dim == d
     raw = OmegaConf.to_container(OmegaConf.load(CONF / f"{run['name']}.yaml"), resolve=False)
     assert raw["encoder"]["in_channels"] == "${dataset.channels}"
@@ -139,7 +138,7 @@ def test_header_names_a_comparable_model(name):
 
 def test_model_level_lmbda_reaches_every_stage():
     cfg = OmegaConf.load(CONF / "csc_ctrl_tiny.yaml")
-    root = OmegaConf.create({"dataset": {"channels": 1, "image_size": 28}})
+    root = OmegaConf.create({"dataset": {"channels": 1, "image_size": 32}})
     root.model = cfg
     root.model.lmbda = 0.03
     root.model.n_iter = 3
@@ -216,11 +215,12 @@ def test_codes_nonnegative_where_configured(run):
 def test_decoder_mirrors_encoder_sizes(run):
     enc, dec = run["enc"], run["dec"]
     assert dec.out_sizes[-1] == (run["size"], run["size"])
-    if run["name"] == "csc_ctrl_tiny":  # one 4x4/stride-4 CSC stage, a 3-stage decoder from 4x4
+    if run["name"] == "csc_ctrl_tiny":  # two 4x4/stride-2 CSC stages, a 3-stage decoder from 4x4
         assert (enc.code_shape[1:], dec.code_shape[1:]) == (
             (run["size"] // 4,) * 2,
             ((run["size"] // 8),) * 2,
         )
+        assert enc.feature_dim == enc.code_shape[0] * (run["size"] // 4) ** 2  # no projection
         return
     assert dec.code_shape[1:] == enc.code_shape[1:]
     if isinstance(enc, CSCEncoder):
@@ -363,12 +363,12 @@ def test_add_noise_and_denoising_autoencoder():
 def test_tiny_config_learns_to_reconstruct():
     """The quickstart model, trained as a plain autoencoder for a few steps, fits a small batch."""
     torch.manual_seed(0)
-    _, enc, dec = build("csc_ctrl_tiny", 1, 28)
-    grid = torch.linspace(-1, 1, 28)
+    _, enc, dec = build("csc_ctrl_tiny", 1, 32)
+    grid = torch.linspace(-1, 1, 32)
     yy, xx = torch.meshgrid(grid, grid, indexing="ij")
     centres = torch.rand(8, 2, 1, 1) * 1.2 - 0.6
     blobs = torch.exp(-((xx - centres[:, :1]) ** 2 + (yy - centres[:, 1:]) ** 2) / 0.1)
-    x = 2 * blobs - 1  # (8, 1, 28, 28) in [-1, 1]
+    x = 2 * blobs - 1  # (8, 1, 32, 32) in [-1, 1]
     opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=3e-3)
     losses = []
     for _ in range(25):
@@ -384,3 +384,16 @@ def test_tiny_config_learns_to_reconstruct():
         z1, z2 = enc(x), enc(x)
     torch.testing.assert_close(z1, z2)  # eval mode is deterministic
     assert dec(z1).shape == x.shape
+
+
+def test_encoder_without_projection_uses_its_last_code_as_the_feature():
+    torch.manual_seed(0)
+    stages = [{"out_channels": 4, "stride": 2, "kernel_size": 4, "padding": 1}] * 2
+    enc = CSCEncoder(1, 16, stages, feature_dim=4 * 4 * 4, norm="none", projection=False).eval()
+    assert list(enc.parameters()) == [enc.stages[0].weight, enc.stages[1].weight]
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    codes = enc.encode_codes(x)
+    z = enc(x)
+    torch.testing.assert_close(z, torch.nn.functional.normalize(codes[-1].flatten(1), dim=1))
+    with pytest.raises(ValueError, match="projection"):
+        CSCEncoder(1, 16, stages, feature_dim=128, norm="none", projection=False)

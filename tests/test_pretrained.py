@@ -126,8 +126,7 @@ def test_architecture_mismatch_is_named(trained, tmp_path):
     release = export_release(trained, tmp_path / "m.safetensors")
     tensors = load_file(str(release))
     _, config, _ = read_release(release)
-    config["model"]["encoder"]["feature_dim"] = 64
-    config["model"]["decoder"]["feature_dim"] = 64
+    config["model"]["encoder"]["stages"][0]["out_channels"] = 16  # 16 atoms instead of 32
     meta = {"format": "ctrl_csc.release/1", "config": json.dumps(config), "metrics": "{}"}
     save_file(tensors, str(tmp_path / "other.safetensors"), metadata=meta)
     with pytest.raises(CheckpointError, match=r"encoder does not match.*different shapes"):
