@@ -14,6 +14,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Subset
 
+from ctrl_csc.cli.guard import DECODERS, ENCODERS, UnsafeConfigError, checked_entry, plain_config
+
 log = logging.getLogger("ctrl_csc")
 
 __all__ = [
@@ -52,14 +54,36 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_models(
-    model_cfg: DictConfig | dict, device: torch.device | str = "cpu"
+    model_cfg: DictConfig | dict,
+    device: torch.device | str = "cpu",
+    source: str | None = None,
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """``(encoder, decoder)`` from a model config (its ``encoder``/``decoder`` ``_target_`` s)."""
-    cfg = OmegaConf.create(model_cfg) if isinstance(model_cfg, dict) else model_cfg
+    """``(encoder, decoder)`` from a model config (its ``encoder``/``decoder`` entries).
+
+    Only this project's encoder and decoder classes are built, with keyword arguments checked
+    against their signatures (:mod:`ctrl_csc.cli.guard`). ``source`` names the file a stored
+    config came from (a checkpoint or release): its ``${...}`` interpolations are refused instead
+    of resolved. Without it the config is the user's own Hydra config and is resolved first.
+    """
+    where = source or f"the model config (model={_name_of(model_cfg)})"
+    cfg = plain_config(model_cfg, source)
+    if not isinstance(cfg, dict):
+        raise UnsafeConfigError(f"{where}: the model config is not a mapping")
     for part in ("encoder", "decoder"):
         if part not in cfg:
             raise ValueError(f"the model config has no `{part}` entry (model={cfg.get('name')})")
-    return instantiate(cfg.encoder).to(device), instantiate(cfg.decoder).to(device)
+    built = []
+    for part, allowed in (("encoder", ENCODERS), ("decoder", DECODERS)):
+        cls, kwargs = checked_entry(cfg[part], allowed, f"model.{part}", where)
+        built.append(cls(**kwargs).to(device))
+    return built[0], built[1]
+
+
+def _name_of(model_cfg) -> str:
+    try:
+        return str(model_cfg.get("name"))
+    except Exception:  # noqa: BLE001 - only for the message
+        return "?"
 
 
 def build_datasets(dataset_cfg: DictConfig, splits: tuple[str, ...] = ("train", "test")):

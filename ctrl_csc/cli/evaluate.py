@@ -30,6 +30,7 @@ from ctrl_csc.cli.common import (
     seed_all,
     seeded_subset,
 )
+from ctrl_csc.cli.guard import DATASET_BUILDERS, checked_entry, plain_config
 from ctrl_csc.engine.checkpoint import rng_state, set_rng_state
 from ctrl_csc.engine.distributed import resolve_device
 from ctrl_csc.eval import (
@@ -68,7 +69,22 @@ def eval_dataset_config(cfg: DictConfig, train_config: dict[str, Any]) -> DictCo
     return data
 
 
-def initial_models(train_config: dict[str, Any]) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+def build_eval_dataset(cfg: DictConfig, data_cfg: DictConfig, split: str):
+    """The evaluation dataset: ``dataset=NAME`` of the user's own config through Hydra, or the
+    checkpoint's stored dataset, built only through the allow-listed
+    :func:`ctrl_csc.data.build_dataset` (a file's config never reaches ``instantiate``)."""
+    if cfg.get("dataset") is not None:
+        return instantiate(data_cfg, split=split)
+    source = f"{str(cfg.checkpoint)!r}"
+    fn, kwargs = checked_entry(
+        plain_config(data_cfg, source), DATASET_BUILDERS, "dataset", source, split=split
+    )
+    return fn(**kwargs)
+
+
+def initial_models(
+    train_config: dict[str, Any], source: str = "the stored configuration"
+) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """The ``(encoder, decoder)`` a training run started from, re-created from its config.
 
     ``ctrl-csc-train`` seeds every generator with ``seed`` and then builds the models on the CPU
@@ -79,6 +95,7 @@ def initial_models(train_config: dict[str, Any]) -> tuple[torch.nn.Module, torch
     Args:
         train_config: the run's resolved configuration (as stored in a checkpoint or release),
             with ``seed`` and ``model``.
+        source: the file it came from (for messages; its interpolations are refused).
 
     Returns:
         The two modules on the CPU in eval mode, or ``None`` (with a warning) when the config
@@ -94,7 +111,7 @@ def initial_models(train_config: dict[str, Any]) -> tuple[torch.nn.Module, torch
     state = rng_state()
     try:
         seed_all(seed)
-        encoder, decoder = build_models(train_config["model"], "cpu")
+        encoder, decoder = build_models(train_config["model"], "cpu", source=source)
     finally:
         set_rng_state(state)
     return encoder.eval(), decoder.eval()
@@ -115,14 +132,15 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     device = resolve_device(ecfg.device)
     model, train_config = load_pretrained(cfg.checkpoint, device)
     data_cfg = eval_dataset_config(cfg, train_config)
-    test_set = seeded_subset(instantiate(data_cfg, split=ecfg.split), ecfg.num_images)
+    source = f"{str(cfg.checkpoint)!r}"
+    test_set = seeded_subset(build_eval_dataset(cfg, data_cfg, ecfg.split), ecfg.num_images)
     loader = DataLoader(test_set, batch_size=ecfg.batch_size, num_workers=ecfg.num_workers)
     wants_probe = {"nearest_subspace", "linear_probe"} & set(ecfg.metrics)
     probe = None
     if wants_probe:
-        probe_set = seeded_subset(instantiate(data_cfg, split="train"), ecfg.probe_images)
+        probe_set = seeded_subset(build_eval_dataset(cfg, data_cfg, "train"), ecfg.probe_images)
         probe = DataLoader(probe_set, batch_size=ecfg.batch_size, num_workers=ecfg.num_workers)
-    initial = initial_models(train_config) if "dictionary" in ecfg.metrics else None
+    initial = initial_models(train_config, source) if "dictionary" in ecfg.metrics else None
     initial_encoder = None if initial is None else initial[0]
     result = evaluate_reconstructions(
         model.encoder,

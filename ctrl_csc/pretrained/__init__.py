@@ -7,8 +7,11 @@ Release format (``*.safetensors``): the tensors of both players under ``encoder.
 * ``config``: the resolved run configuration as JSON (``model``, ``dataset``, ``loss``, ...),
 * ``metrics``: the run's final metrics as JSON.
 
-safetensors holds raw tensors only, so loading executes nothing. ``load_pretrained`` also accepts a
-training checkpoint (``checkpoints/last.pt``), read with ``torch.load(weights_only=True)``.
+safetensors holds raw tensors only, so loading executes nothing, and the stored config builds
+only this project's model classes (:mod:`ctrl_csc.cli.guard`: any other ``_target_``, Hydra key
+or ``${...}`` interpolation in the file is refused before anything is built). ``load_pretrained``
+also accepts a training checkpoint (``checkpoints/last.pt``), read with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ def load_pretrained(
         ``.decoder``; ``model(x)`` gives ``(z, x̂)``) in eval mode and the run's resolved config.
     """
     from ctrl_csc.cli.common import build_models
+    from ctrl_csc.cli.guard import check_stored_config
 
     name = str(path_or_name)
     path = PRETRAINED.get(name, Path(name))
@@ -119,9 +123,9 @@ def load_pretrained(
     else:
         ckpt = load_checkpoint(path)
         states, config = ckpt["models"], ckpt["config"]
-    if "model" not in config:
-        raise CheckpointError(f"{str(path)!r} carries no model configuration")
-    encoder, decoder = build_models(config["model"], device)
+    source = f"{str(path)!r}"
+    config = check_stored_config(config, source)  # before anything is built from it
+    encoder, decoder = build_models(config["model"], device, source=source)
     load_module_state(encoder, states["encoder"], "encoder")
     load_module_state(decoder, states["decoder"], "decoder")
     return Autoencoder(encoder, decoder).to(device).eval(), config

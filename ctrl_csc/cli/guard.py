@@ -1,0 +1,189 @@
+"""A model file is data, never code: what a stored configuration may build.
+
+A checkpoint (``.pt``) or release (``.safetensors``) carries the run's configuration, and
+``ctrl-csc-eval``, :func:`ctrl_csc.load_pretrained` and ``trainer.resume`` build models (and the
+evaluation dataset) from it. Handing that configuration to ``hydra.utils.instantiate`` would let a
+file name any importable callable as a ``_target_`` (``numpy.savetxt``, ``os.system``, ...), so
+objects are built here instead, and only from an allow-list:
+
+* ``model.encoder`` / ``model.decoder``: the encoder / decoder classes of :mod:`ctrl_csc.models`
+  (:data:`ENCODERS`, :data:`DECODERS`);
+* ``dataset``: :func:`ctrl_csc.data.build_dataset` (:data:`DATASET_BUILDERS`).
+
+Each entry's keyword arguments must be plain data (strings, numbers, booleans, ``None``, lists and
+mappings of them) and names of the class's own parameters. Refused anywhere in a stored config:
+Hydra's special keys (``_target_`` below the top of an entry, ``_args_``, ``_partial_``,
+``_recursive_``, ``_convert_``, any ``_name_``-style key) and ``${...}`` interpolations (refused
+before anything is resolved or built). The target is checked as a *string* against the allow-list,
+so nothing named by a refused file is ever imported.
+
+A configuration composed by Hydra from the user's own ``conf/`` is resolved first (its
+interpolations are the user's) and then passes the same checks; every ``conf/model/*.yaml`` does.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ctrl_csc.data import build_dataset
+from ctrl_csc.engine.checkpoint import CheckpointError
+from ctrl_csc.models import (
+    ConvDecoder,
+    ConvEncoder,
+    CSCDecoder,
+    CSCEncoder,
+    DCGANDecoder,
+    DCGANEncoder,
+    ResNetDecoder,
+    ResNetEncoder,
+)
+
+__all__ = [
+    "ENCODERS",
+    "DECODERS",
+    "DATASET_BUILDERS",
+    "UnsafeConfigError",
+    "check_stored_config",
+    "checked_entry",
+    "plain_config",
+]
+
+
+class UnsafeConfigError(CheckpointError):
+    """A configuration that would build something other than this project's own classes."""
+
+
+def _names(*objs: Callable) -> dict[str, Callable]:
+    """Both spellings of each target: the public ``ctrl_csc.models.X`` and the defining module."""
+    out: dict[str, Callable] = {}
+    for obj in objs:
+        public = "ctrl_csc.models" if obj.__module__.startswith("ctrl_csc.models") else None
+        if obj is build_dataset:
+            public = "ctrl_csc.data"
+        out[f"{obj.__module__}.{obj.__qualname__}"] = obj
+        if public:
+            out[f"{public}.{obj.__qualname__}"] = obj
+    return out
+
+
+ENCODERS: dict[str, Callable] = _names(CSCEncoder, DCGANEncoder, ResNetEncoder, ConvEncoder)
+DECODERS: dict[str, Callable] = _names(CSCDecoder, DCGANDecoder, ResNetDecoder, ConvDecoder)
+DATASET_BUILDERS: dict[str, Callable] = _names(build_dataset)
+
+_SPECIAL = re.compile(r"^_.*_$")  # Hydra's reserved keys: _target_, _args_, _partial_, ...
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _refuse(where: str, source: str, what: str) -> UnsafeConfigError:
+    return UnsafeConfigError(
+        f"refusing to build `{where}` from {source}: {what}. A model file is data, never code: "
+        "only this project's own classes are built from a stored configuration"
+    )
+
+
+def plain_config(cfg: Any, source: str | None = None) -> Any:
+    """``cfg`` as plain dicts/lists/scalars.
+
+    From a file (``source`` given) interpolations are *not* resolved: a ``${...}`` anywhere is
+    refused. A Hydra config of the user's own (``source=None``) is resolved first.
+    """
+    if isinstance(cfg, DictConfig | ListConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=source is None, throw_on_missing=False)
+    _check_plain(cfg, "config", source or "the configuration")
+    return cfg
+
+
+def _check_plain(value: Any, where: str, source: str) -> None:
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise _refuse(where, source, f"key {k!r} is not a string")
+            _check_plain(v, f"{where}.{k}", source)
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]", source)
+    elif not isinstance(value, _PLAIN):
+        raise _refuse(where, source, f"a value of type {type(value).__name__} is not plain data")
+    elif isinstance(value, str) and "${" in value:
+        raise _refuse(where, source, f"the interpolation {value!r} is not resolved from a file")
+
+
+def _no_special_keys(value: Any, where: str, source: str) -> None:
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if _SPECIAL.match(str(k)):
+                what = (
+                    f"nested `_target_: {v}`" if k == "_target_" else f"the Hydra key `{k}`"
+                ) + " is not allowed"
+                raise _refuse(f"{where}.{k}", source, what)
+            _no_special_keys(v, f"{where}.{k}", source)
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _no_special_keys(v, f"{where}[{i}]", source)
+
+
+def checked_entry(
+    entry: Any, allowed: Mapping[str, Callable], where: str, source: str, **extra: Any
+) -> tuple[Callable, dict[str, Any]]:
+    """``(callable, kwargs)`` of one ``{_target_: ..., **kwargs}`` entry, or an
+    :class:`UnsafeConfigError` naming the target, the setting (``where``) and the file.
+
+    ``entry`` must already be plain (see :func:`plain_config`). ``extra`` are keyword arguments
+    the caller adds (e.g. ``split``), checked against the signature like the rest.
+    """
+    if not isinstance(entry, Mapping):
+        raise _refuse(where, source, f"expected a mapping with a `_target_`, got {entry!r}")
+    target = entry.get("_target_")
+    if not isinstance(target, str) or target not in allowed:
+        choices = sorted({k for k in allowed if k.count(".") == 2} or allowed)
+        raise _refuse(
+            f"{where}._target_",
+            source,
+            f"`_target_: {target}` is not one of the allowed targets ({', '.join(choices)})",
+        )
+    kwargs = {k: v for k, v in entry.items() if k != "_target_"}
+    _no_special_keys(kwargs, where, source)
+    kwargs.update(extra)
+    fn = allowed[target]
+    params = inspect.signature(fn).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    named = {
+        n
+        for n, p in params.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    unknown = sorted(set(kwargs) - named)
+    if unknown and not takes_any:
+        raise _refuse(
+            where, source, f"{target} takes no argument(s) {unknown} (it takes {sorted(named)})"
+        )
+    missing = sorted(
+        n
+        for n, p in params.items()
+        if n in named and p.default is inspect.Parameter.empty and n not in kwargs
+    )
+    if missing:
+        raise UnsafeConfigError(f"`{where}` ({target}) in {source} lacks the argument(s) {missing}")
+    return fn, kwargs
+
+
+def check_stored_config(config: Any, source: str) -> dict[str, Any]:
+    """Check the whole run configuration a checkpoint or release carries (``source``: its path),
+    before any of it is used: plain data without interpolations, and model and dataset entries
+    that build only allow-listed targets. Returns it unchanged."""
+    if not isinstance(config, Mapping):
+        raise UnsafeConfigError(f"{source} carries a configuration that is not a mapping")
+    plain_config(config, source)
+    model = config.get("model")
+    if not isinstance(model, Mapping):
+        raise CheckpointError(f"{source} carries no model configuration")
+    for part, allowed in (("encoder", ENCODERS), ("decoder", DECODERS)):
+        checked_entry(model.get(part), allowed, f"model.{part}", source)
+    if "dataset" in config:
+        checked_entry(config["dataset"], DATASET_BUILDERS, "dataset", source)
+    return dict(config)
