@@ -141,6 +141,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
             ctx=ctx,
             config=to_container(cfg),
             progress=tcfg.progress,
+            rollback_nonfinite=tcfg.get("rollback_nonfinite", True),
         )
         try:
             return trainer.fit(resume=resolve_resume(tcfg.resume, output_dir))

@@ -111,6 +111,11 @@ class Game:
         self.amp = amp
         use_scaler = amp and self.amp_dtype == torch.float16 and ctx.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=use_scaler)
+        self.applied: list[str] = []  # players updated so far in the current training step
+        self.failed: str | None = None  # what check_finite found non-finite
+
+    def begin_step(self) -> None:
+        self.applied, self.failed = [], None
 
     def autocast(self) -> AbstractContextManager:
         if not self.amp:
@@ -119,6 +124,7 @@ class Game:
 
     def check_finite(self, value: torch.Tensor, what: str) -> None:
         if not torch.isfinite(value).all():
+            self.failed = what
             raise NonFiniteObjectiveError(
                 f"the {what} became {value.item()} — training stopped. Lower optim.*.lr, enable "
                 "trainer.grad_clip, or increase the loss's eps_sq"
@@ -136,6 +142,7 @@ class Game:
                 nn.utils.clip_grad_norm_(self.modules[name].parameters(), self.grad_clip)
             self.scaler.step(opt)
         self.scaler.update()
+        self.applied.extend(players)
 
 
 class Trainer:
@@ -162,6 +169,11 @@ class Trainer:
         ctx: process and device (:func:`~ctrl_csc.engine.setup_distributed`).
         config: the resolved run configuration (plain containers), stored in every checkpoint.
         progress: progress bar; ``None`` shows it only when stderr is a terminal.
+        rollback_nonfinite: keep an in-memory copy of the state from before each step (models,
+            optimisers, schedulers, scaler, RNG; on the training device), so that a non-finite
+            objective in the middle of a step (e.g. the decoder's, after the encoder's updates of
+            that step were applied) saves the state from *before* the failing step. Without it
+            such a mid-step state is not saved at all (the last checkpoint on disk is kept).
     """
 
     def __init__(
@@ -187,6 +199,7 @@ class Trainer:
         ctx: DistContext = SINGLE_PROCESS,
         config: Mapping[str, Any] | None = None,
         progress: bool | None = None,
+        rollback_nonfinite: bool = True,
     ) -> None:
         if max_steps < 1:
             raise ValueError(f"trainer.max_steps must be >= 1, got {max_steps}")
@@ -200,6 +213,7 @@ class Trainer:
         self.eval_images, self.baseline_images = eval_images, baseline_images
         self.config = dict(config or {})
         self.progress = sys.stderr.isatty() if progress is None else progress
+        self.rollback_nonfinite = rollback_nonfinite
         self.step = 0
         self.last_metrics: dict[str, float] = {}
         self._mean_image: torch.Tensor | None = None
@@ -245,9 +259,51 @@ class Trainer:
         self.last_metrics = dict(state.get("metrics", {}))
 
     def save(self, name: str = "last.pt") -> Path | None:
+        """Write a checkpoint (main process only). A state whose weights are not finite is
+        refused (:class:`NonFiniteObjectiveError`): the checkpoint on disk is kept."""
         if not self.ctx.is_main:
             return None
+        for part, module in (("encoder", self.encoder), ("decoder", self.decoder)):
+            for k, v in module.state_dict().items():
+                if v.is_floating_point() and not torch.isfinite(v).all():
+                    raise NonFiniteObjectiveError(
+                        f"the {part}'s {k} is not finite at step {self.step}: checkpoint "
+                        f"{name} was not written (what is on disk under "
+                        f"{self.output_dir / 'checkpoints'} is kept)"
+                    )
         return save_checkpoint(self.state_dict(), self.output_dir / "checkpoints" / name)
+
+    def _snapshot(self) -> dict[str, Any]:
+        """The state before a step, copied on its device (what :meth:`load_state_dict` takes)."""
+        state = self.state_dict()
+        state["models"] = _clone(state["models"])
+        state["optimizers"] = _clone(state["optimizers"])
+        state["schedulers"] = _clone(state["schedulers"])
+        state["scaler"] = _clone(state["scaler"])
+        return state
+
+    def _non_finite(self, error: FloatingPointError, before: dict | None) -> Exception:
+        """Save the state from before the failing step (or nothing) and say what failed."""
+        failing = self.step + 1
+        what = self.game.failed or "objective"
+        applied = list(self.game.applied)
+        note = ""
+        if applied:
+            counts = ", ".join(f"{p} {applied.count(p)}x" for p in dict.fromkeys(applied))
+            note = f", after this step's update(s) of {counts} had been applied"
+        if before is not None:
+            self.load_state_dict(before)  # roll the applied updates back
+        elif applied:
+            return NonFiniteObjectiveError(
+                f"{error} [the {what} in training step {failing}{note}; that mid-step state "
+                f"was not saved (trainer.rollback_nonfinite=false); the last checkpoint on "
+                f"disk under {self.output_dir / 'checkpoints'} is kept]"
+            )
+        path = self.save("last.pt")
+        return NonFiniteObjectiveError(
+            f"{error} [the {what} in training step {failing}{note}; the state from before "
+            f"that step, i.e. after step {self.step}; last good state saved to {path}]"
+        )
 
     def resume(self, path: str | Path) -> None:
         """Continue from a checkpoint written by :meth:`save` (models, optimisers, RNG, step)."""
@@ -299,14 +355,13 @@ class Trainer:
         t0, window = time.perf_counter(), []
         try:
             while self.step < self.max_steps:
+                before = self._snapshot() if self.rollback_nonfinite else None
                 x, y = next(batches)
+                self.game.begin_step()
                 try:
                     out = self.step_fn(self.game, x, y)
                 except FloatingPointError as e:  # ours, or the objective's non-finite features
-                    path = self.save("last.pt")
-                    raise NonFiniteObjectiveError(
-                        f"{e} (step {self.step}; last good state saved to {path})"
-                    ) from None
+                    raise self._non_finite(e, before) from None
                 for s in self.schedulers.values():
                     s.step()
                 self.step += 1
@@ -423,6 +478,17 @@ class Trainer:
 def _plain_batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of the loader's dataset in storage order (does not move the training sampler)."""
     return iter(DataLoader(loader.dataset, batch_size=loader.batch_size or 256, shuffle=False))
+
+
+def _clone(tree: Any) -> Any:
+    """A copy of nested dicts/lists whose tensors are cloned (on their device)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone()
+    if isinstance(tree, Mapping):
+        return {k: _clone(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_clone(v) for v in tree)
+    return tree
 
 
 def _mean_of(rows: list[dict[str, Any]]) -> dict[str, float]:
