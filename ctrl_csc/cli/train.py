@@ -142,6 +142,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
             config=to_container(cfg),
             progress=tcfg.progress,
             rollback_nonfinite=tcfg.get("rollback_nonfinite", True),
+            handle_signals=tcfg.get("handle_signals", True),
+            requeue=tcfg.get("requeue", True),
         )
         try:
             return trainer.fit(resume=resolve_resume(tcfg.resume, output_dir))

@@ -1,4 +1,4 @@
-"""Process-group set-up and a resumable, rank-aware sampler.
+"""Process-group set-up, a resumable, rank-aware sampler, and preemption signals.
 
 One code path for one device and many: under ``torchrun`` the environment variables ``RANK``,
 ``WORLD_SIZE`` and ``LOCAL_RANK`` are set and :func:`setup_distributed` joins the group (NCCL on
@@ -7,7 +7,12 @@ GPUs, gloo on CPUs); without them it returns a single-process context.
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import signal
+import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -15,7 +20,12 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+log = logging.getLogger("ctrl_csc")
+
 __all__ = [
+    "PREEMPTED_EXIT_CODE",
+    "PreemptionGuard",
+    "TrainingPreempted",
     "SINGLE_PROCESS",
     "DistContext",
     "setup_distributed",
@@ -133,3 +143,93 @@ class ResumableSampler(Sampler[int]):
         per_rank = self.num_samples // self.world_size
         mine = order[self.rank : per_rank * self.world_size : self.world_size]
         return iter(mine[self.start :].tolist())
+
+
+# ---------------------------------------------------------------------------- preemption
+
+#: Exit status of a run stopped by SIGTERM/SIGUSR1 after writing ``checkpoints/last.pt``
+#: (``EX_TEMPFAIL``: try again later; a scheduler or wrapper script requeues on it).
+PREEMPTED_EXIT_CODE = 75
+
+
+class TrainingPreempted(SystemExit):
+    """The run was stopped by a signal after finishing its step and writing ``last.pt``.
+
+    A :class:`SystemExit` with status :data:`PREEMPTED_EXIT_CODE`, so that the console scripts
+    exit with that status; Python callers can catch it.
+    """
+
+    def __init__(self, signum: int, step: int, path) -> None:
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.signum, self.step, self.path = signum, step, path
+
+
+class PreemptionGuard:
+    """Turns SIGTERM / SIGUSR1 (and SIGUSR2 where submitit listens on it) into a request to stop
+    at the end of the current training step.
+
+    The handlers only set a flag (nothing is done inside a signal handler); the trainer asks
+    :meth:`should_stop` after each step, which under ``torch.distributed`` agrees over all ranks
+    (one tiny all-reduce) so that every rank stops after the same step. After the checkpoint is
+    written, :meth:`requeue` hands the signal to the handler that was installed before (submitit's,
+    under hydra-submitit-launcher: it resubmits the job), or else, in a plain Slurm job, runs
+    ``scontrol requeue`` for this job. Handlers are installed only in the main thread and restored
+    by :meth:`uninstall`.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, ctx: DistContext, requeue: bool = True) -> None:
+        self.ctx, self.requeue_enabled = ctx, requeue
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> PreemptionGuard:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        names = list(self.SIGNALS)
+        usr2 = getattr(signal, "SIGUSR2", None)
+        if usr2 is not None and callable(signal.getsignal(usr2)):  # submitit's timeout signal
+            names.append("SIGUSR2")
+        for name in names:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signum = signum
+
+    def should_stop(self) -> bool:
+        if not self.ctx.distributed:
+            return self.signum is not None
+        flag = torch.tensor([0 if self.signum is None else 1], device=self.ctx.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.signum is None:
+            self.signum = signal.SIGTERM  # another rank was signalled
+        return bool(flag.item())
+
+    def requeue(self) -> str | None:
+        """Ask the scheduler to run the job again; returns how, or ``None``."""
+        if not self.requeue_enabled or self.signum is None:
+            return None
+        previous = self._previous.get(self.signum)
+        self.uninstall()
+        if callable(previous):  # submitit's handler: checkpoints the launcher, requeues, exits
+            previous(self.signum, None)
+            return "submitit"
+        job = os.environ.get("SLURM_JOB_ID")
+        if not job or not self.ctx.is_main or shutil.which("scontrol") is None:
+            return None
+        if os.environ.get("SLURM_ARRAY_TASK_ID"):
+            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        if done.returncode != 0:
+            log.warning("scontrol requeue %s failed: %s", job, done.stderr.strip())
+            return None
+        return f"scontrol requeue {job}"

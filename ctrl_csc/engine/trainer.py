@@ -38,11 +38,25 @@ from ctrl_csc.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from ctrl_csc.engine.distributed import SINGLE_PROCESS, DistContext, ResumableSampler
+from ctrl_csc.engine.distributed import (
+    PREEMPTED_EXIT_CODE,
+    SINGLE_PROCESS,
+    DistContext,
+    PreemptionGuard,
+    ResumableSampler,
+    TrainingPreempted,
+)
 from ctrl_csc.engine.loggers import JSONLinesLogger, format_metrics
 from ctrl_csc.engine.steps import TrainStep
 
-__all__ = ["Game", "Trainer", "NonFiniteObjectiveError", "build_loader"]
+__all__ = [
+    "Game",
+    "Trainer",
+    "NonFiniteObjectiveError",
+    "TrainingPreempted",
+    "PREEMPTED_EXIT_CODE",
+    "build_loader",
+]
 
 log = logging.getLogger("ctrl_csc")
 
@@ -174,6 +188,11 @@ class Trainer:
             objective in the middle of a step (e.g. the decoder's, after the encoder's updates of
             that step were applied) saves the state from *before* the failing step. Without it
             such a mid-step state is not saved at all (the last checkpoint on disk is kept).
+        handle_signals: SIGTERM / SIGUSR1 (preemption) finish the current step, write
+            ``checkpoints/last.pt`` and raise :class:`TrainingPreempted`, a ``SystemExit`` with
+            status :data:`~ctrl_csc.engine.distributed.PREEMPTED_EXIT_CODE` (75).
+        requeue: on such a signal, also requeue the job where a scheduler is there to do it
+            (submitit's own handler, or ``scontrol requeue`` in a Slurm job).
     """
 
     def __init__(
@@ -200,6 +219,8 @@ class Trainer:
         config: Mapping[str, Any] | None = None,
         progress: bool | None = None,
         rollback_nonfinite: bool = True,
+        handle_signals: bool = True,
+        requeue: bool = True,
     ) -> None:
         if max_steps < 1:
             raise ValueError(f"trainer.max_steps must be >= 1, got {max_steps}")
@@ -214,6 +235,7 @@ class Trainer:
         self.config = dict(config or {})
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.rollback_nonfinite = rollback_nonfinite
+        self.handle_signals, self.requeue = handle_signals, requeue
         self.step = 0
         self.last_metrics: dict[str, float] = {}
         self._mean_image: torch.Tensor | None = None
@@ -281,6 +303,23 @@ class Trainer:
         state["schedulers"] = _clone(state["schedulers"])
         state["scaler"] = _clone(state["scaler"])
         return state
+
+    def _preempted(self, guard: PreemptionGuard) -> TrainingPreempted:
+        """After the step in progress: write ``last.pt``, requeue where possible, and stop."""
+        path = self.save("last.pt")
+        log.warning(
+            "signal %d: stopped after step %d, state saved to %s (continue with "
+            "trainer.resume=auto or trainer.resume=%s); exit status %d",
+            guard.signum,
+            self.step,
+            path,
+            path,
+            PREEMPTED_EXIT_CODE,
+        )
+        how = guard.requeue()  # submitit's handler requeues and exits itself
+        if how:
+            log.warning("job requeued (%s)", how)
+        return TrainingPreempted(guard.signum, self.step, path)
 
     def _non_finite(self, error: FloatingPointError, before: dict | None) -> Exception:
         """Save the state from before the failing step (or nothing) and say what failed."""
@@ -353,6 +392,9 @@ class Trainer:
             dynamic_ncols=True,
         )
         t0, window = time.perf_counter(), []
+        guard = PreemptionGuard(self.ctx, self.requeue)
+        if self.handle_signals:
+            guard.install()
         try:
             while self.step < self.max_steps:
                 before = self._snapshot() if self.rollback_nonfinite else None
@@ -389,7 +431,10 @@ class Trainer:
                 if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                     self.save(f"step_{self.step:07d}.pt")
                     self.save("last.pt")
+                if self.handle_signals and guard.should_stop() and self.step < self.max_steps:
+                    raise self._preempted(guard)
         finally:
+            guard.uninstall()
             bar.close()
         final = self.evaluate()
         self._log(final)
