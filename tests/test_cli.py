@@ -138,13 +138,13 @@ def test_unwritable_run_directory_is_reported(tmp_path):
         check_writable(tmp_path / "file" / "run")
 
 
-def test_resume_auto_continues_the_latest_run(tmp_path):
+def test_resume_auto_continues_the_same_run(tmp_path):
+    # (a sibling run is never continued: tests/test_resume_safety.py)
     base = ["trainer=smoke", "trainer.max_steps=2"]
     run(cfg_of(base), tmp_path / "runs" / "a")
     cfg = cfg_of([*base, "trainer.max_steps=3", "trainer.resume=auto"])
-    run(cfg, tmp_path / "runs" / "b")
-    rows = [json.loads(r) for r in (tmp_path / "runs/b/metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "objective/total" in r] == [3]
+    run(cfg, tmp_path / "runs" / "a")
+    assert load_checkpoint(tmp_path / "runs/a/checkpoints/last.pt")["step"] == 3
 
 
 def cli(*args, cwd=REPO, timeout=300):

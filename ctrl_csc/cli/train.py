@@ -7,13 +7,16 @@ The bare command runs the quickstart (CSC-CTRL on the embedded ``mnist5k`` set, 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ctrl_csc.cli.common import (
     build_datasets,
@@ -25,10 +28,11 @@ from ctrl_csc.cli.common import (
     seeded_subset,
     to_container,
 )
+from ctrl_csc.cli.guard import check_stored_config
 from ctrl_csc.engine import (
     Trainer,
     build_loader,
-    find_latest_checkpoint,
+    load_checkpoint,
     setup_distributed,
     teardown_distributed,
 )
@@ -54,24 +58,72 @@ def build_optimizers(optim_cfg: DictConfig, encoder, decoder, max_steps: int):
     return optimizers, schedulers
 
 
-def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
-    """``auto``: the latest ``checkpoints/last.pt`` among earlier runs of this name."""
+def resolve_resume(
+    resume: str | None, output_dir: Path, sweep_overrides: Sequence[str] | None = None
+) -> Path | None:
+    """The checkpoint a run continues from, or ``None``.
+
+    ``auto`` continues only *this* job: ``checkpoints/last.pt`` of this run directory or, for a
+    job of a sweep (``sweep_overrides``: its Hydra overrides), the latest ``last.pt`` of a job of
+    an earlier sweep of this name with the same overrides. Never a sibling run's. Without
+    ``resume``, a job that Slurm restarted (``SLURM_RESTART_COUNT`` > 0) continues from its own
+    directory's ``last.pt``.
+    """
+    own = output_dir / "checkpoints" / "last.pt"
     if resume in (None, "", "none"):
+        if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0 and own.is_file():
+            log.info("requeued Slurm job: continuing from its own %s", own)
+            return own
         return None
     if resume != "auto":
         return Path(resume)
-    runs_root = output_dir.parent
-    found = [p for p in runs_root.glob("*/checkpoints/last.pt") if output_dir not in p.parents]
-    latest = max(found, key=lambda p: p.stat().st_mtime) if found else None
-    if latest is None:
-        latest = find_latest_checkpoint(output_dir)
-    if latest is None:
-        log.warning("trainer.resume=auto: no earlier run under %s, starting afresh", runs_root)
-    return latest
+    if own.is_file():
+        return own
+    if sweep_overrides is not None:
+        found = _same_job_in_earlier_sweeps(output_dir, sweep_overrides)
+        if found is not None:
+            return found
+    log.warning(
+        "trainer.resume=auto: no checkpoint of this job in %s%s, starting afresh (to continue "
+        "another run, set trainer.resume=PATH/checkpoints/last.pt or hydra.run.dir=ITS_DIR)",
+        output_dir,
+        " or in earlier sweeps with the same overrides" if sweep_overrides is not None else "",
+    )
+    return None
 
 
-def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
-    """Train as configured; return the final held-out metrics."""
+def _job_key(overrides: Sequence[str]) -> frozenset[str]:
+    """The overrides that make a job what it is (not how it is resumed or launched)."""
+    return frozenset(
+        o
+        for o in overrides
+        if not o.lstrip("+~").startswith(("trainer.resume", "hydra.", "hydra/"))
+    )
+
+
+def _same_job_in_earlier_sweeps(output_dir: Path, overrides: Sequence[str]) -> Path | None:
+    """``multirun/<name>/<date>/<job>``: the newest ``last.pt`` among the other sweeps' jobs
+    whose ``.hydra/overrides.yaml`` holds the same overrides as this job."""
+    root, key = output_dir.parent.parent, _job_key(overrides)
+    matches = []
+    for ckpt in root.glob("*/*/checkpoints/last.pt"):
+        job_dir = ckpt.parent.parent
+        if job_dir.parent == output_dir.parent:  # a sibling job of this very sweep
+            continue
+        stored = job_dir / ".hydra" / "overrides.yaml"
+        if stored.is_file() and _job_key(OmegaConf.load(stored)) == key:
+            matches.append(ckpt)
+    return max(matches, key=lambda p: p.stat().st_mtime) if matches else None
+
+
+def run(
+    cfg: DictConfig, output_dir: str | Path, sweep_overrides: Sequence[str] | None = None
+) -> dict[str, float]:
+    """Train as configured; return the final held-out metrics.
+
+    ``sweep_overrides``: the job's Hydra overrides when it is one job of a sweep (``-m``), which
+    ``trainer.resume=auto`` uses to find the same job of an earlier sweep.
+    """
     output_dir = check_writable(output_dir)
     tcfg = cfg.trainer
     ctx = setup_distributed(tcfg.device)
@@ -144,9 +196,16 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
             rollback_nonfinite=tcfg.get("rollback_nonfinite", True),
             handle_signals=tcfg.get("handle_signals", True),
             requeue=tcfg.get("requeue", True),
+            resume_strict=tcfg.get("resume_strict", True),
         )
+        resume = resolve_resume(tcfg.resume, output_dir, sweep_overrides)
+        state = None
+        if resume is not None:
+            state = load_checkpoint(resume, map_location="cpu")
+            if isinstance(state.get("config"), dict) and "model" in state["config"]:
+                check_stored_config(state["config"], f"{str(resume)!r}")
         try:
-            return trainer.fit(resume=resolve_resume(tcfg.resume, output_dir))
+            return trainer.fit(resume=resume, resume_state=state)
         finally:
             trainer.close()
     finally:
@@ -157,7 +216,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
 def main(cfg: DictConfig) -> float:
     """Console script ``ctrl-csc-train``; returns ``cfg.monitor`` of the final metrics (sweepers
     optimise it)."""
-    metrics = run(cfg, HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    sweep = list(hc.overrides.task) if hc.mode == RunMode.MULTIRUN else None
+    metrics = run(cfg, hc.runtime.output_dir, sweep)
     return float(metrics.get(cfg.monitor, float("nan")))
 
 

@@ -15,6 +15,8 @@ dicts only, so a file carrying a pickled object payload is refused instead of ex
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import random
@@ -36,6 +38,9 @@ __all__ = [
     "set_rng_state",
     "load_module_state",
     "find_latest_checkpoint",
+    "FINGERPRINT_SECTIONS",
+    "config_fingerprint",
+    "fingerprint_diff",
 ]
 
 CHECKPOINT_FORMAT = "ctrl_csc.checkpoint/1"
@@ -177,3 +182,45 @@ def find_latest_checkpoint(root: str | os.PathLike) -> Path | None:
         return None
     found = [p for p in root.rglob("last.pt") if p.parent.name == "checkpoints"]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+#: The parts of a run configuration that determine the model and its training: a checkpoint
+#: continues only a run whose values of these agree (``trainer.resume_strict``).
+FINGERPRINT_SECTIONS = ("model", "loss", "optim", "dataset", "seed")
+#: Keys inside those sections that say where the data are, not what they are.
+_NOT_FINGERPRINTED = ("dataset.root", "dataset.download")
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, Mapping) and value:
+        for k, v in value.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    elif prefix not in _NOT_FINGERPRINTED:
+        out[prefix] = value
+    return out
+
+
+def _fingerprinted(config: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for section in FINGERPRINT_SECTIONS:
+        if section in config:
+            _flatten(config[section], section, out)
+    return out
+
+
+def config_fingerprint(config: Mapping[str, Any]) -> str:
+    """SHA-256 of the run configuration's :data:`FINGERPRINT_SECTIONS` (model, loss, optimiser,
+    dataset, seed), as stored in every checkpoint."""
+    text = json.dumps(_fingerprinted(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def fingerprint_diff(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``"key: checkpoint A, now B"`` for every fingerprinted key whose value differs."""
+    a, b = _fingerprinted(stored), _fingerprinted(current)
+    absent = "<absent>"
+    return [
+        f"{k}: checkpoint {a.get(k, absent)!r}, now {b.get(k, absent)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, absent) != b.get(k, absent)
+    ]

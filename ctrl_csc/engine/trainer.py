@@ -32,6 +32,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ctrl_csc.engine.checkpoint import (
+    CheckpointError,
+    config_fingerprint,
+    fingerprint_diff,
     load_checkpoint,
     load_module_state,
     rng_state,
@@ -193,6 +196,9 @@ class Trainer:
             status :data:`~ctrl_csc.engine.distributed.PREEMPTED_EXIT_CODE` (75).
         requeue: on such a signal, also requeue the job where a scheduler is there to do it
             (submitit's own handler, or ``scontrol requeue`` in a Slurm job).
+        resume_strict: refuse to resume from a checkpoint whose stored configuration differs from
+            ``config`` in the model, loss, optimiser, dataset or seed (the differing keys are
+            listed); ``False`` only warns.
     """
 
     def __init__(
@@ -221,6 +227,7 @@ class Trainer:
         rollback_nonfinite: bool = True,
         handle_signals: bool = True,
         requeue: bool = True,
+        resume_strict: bool = True,
     ) -> None:
         if max_steps < 1:
             raise ValueError(f"trainer.max_steps must be >= 1, got {max_steps}")
@@ -236,6 +243,7 @@ class Trainer:
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.rollback_nonfinite = rollback_nonfinite
         self.handle_signals, self.requeue = handle_signals, requeue
+        self.resume_strict = resume_strict
         self.step = 0
         self.last_metrics: dict[str, float] = {}
         self._mean_image: torch.Tensor | None = None
@@ -264,6 +272,7 @@ class Trainer:
             "scaler": self.game.scaler.state_dict(),
             "rng": rng_state(),
             "config": self.config,
+            "fingerprint": config_fingerprint(self.config),
             "metrics": dict(self.last_metrics),
         }
 
@@ -344,9 +353,34 @@ class Trainer:
             f"that step, i.e. after step {self.step}; last good state saved to {path}]"
         )
 
-    def resume(self, path: str | Path) -> None:
-        """Continue from a checkpoint written by :meth:`save` (models, optimisers, RNG, step)."""
-        self.load_state_dict(load_checkpoint(path, map_location=self.ctx.device))
+    def resume(self, path: str | Path, state: Mapping[str, Any] | None = None) -> None:
+        """Continue from a checkpoint written by :meth:`save` (models, optimisers, RNG, step).
+
+        ``state``: the checkpoint already read from ``path``. It is read onto the CPU; the
+        weights and optimiser states move to the parameters' device as they load. A checkpoint
+        whose configuration differs from this run's in what determines the model and its
+        training is refused (``resume_strict``) with the differing keys listed.
+        """
+        if state is None:
+            state = load_checkpoint(path, map_location="cpu")
+        stored = state.get("config") or {}
+        if self.config and stored:
+            diff = fingerprint_diff(stored, self.config)
+            if diff and self.resume_strict:
+                raise CheckpointError(
+                    f"trainer.resume={path}: the checkpoint was trained with another "
+                    f"configuration ({len(diff)} key(s) differ: {'; '.join(diff[:10])}"
+                    f"{'; ...' if len(diff) > 10 else ''}). Resume with the same settings, or "
+                    "set trainer.resume_strict=false to resume anyway"
+                )
+            if diff:
+                log.warning(
+                    "trainer.resume=%s with another configuration (trainer.resume_strict="
+                    "false): %s",
+                    path,
+                    "; ".join(diff),
+                )
+        self.load_state_dict(state)
         if self.ctx.is_main:
             self.history.truncate_after(self.step)
         log.info("resumed from %s at step %d", path, self.step)
@@ -373,11 +407,14 @@ class Trainer:
                 )
             epoch, offset = epoch + 1, 0
 
-    def fit(self, resume: str | Path | None = None) -> dict[str, float]:
-        """Train to ``max_steps`` (from a checkpoint when ``resume`` is given); return the final
-        evaluation metrics (also written to ``metrics.json``)."""
+    def fit(
+        self, resume: str | Path | None = None, resume_state: Mapping[str, Any] | None = None
+    ) -> dict[str, float]:
+        """Train to ``max_steps`` (from a checkpoint when ``resume`` is given, already read as
+        ``resume_state`` if given); return the final evaluation metrics (also written to
+        ``metrics.json``)."""
         if resume is not None:
-            self.resume(resume)
+            self.resume(resume, resume_state)
         if self.baseline_images and self._mean_image is None:
             with self._rng_untouched():
                 self._mean_image = self._training_mean_image()
