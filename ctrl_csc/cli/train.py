@@ -36,6 +36,7 @@ from ctrl_csc.engine import (
     setup_distributed,
     teardown_distributed,
 )
+from ctrl_csc.engine.distributed import agree_on_run_dir, rank_seed
 
 log = logging.getLogger("ctrl_csc")
 
@@ -124,16 +125,18 @@ def run(
     ``sweep_overrides``: the job's Hydra overrides when it is one job of a sweep (``-m``), which
     ``trainer.resume=auto`` uses to find the same job of an earlier sweep.
     """
-    output_dir = check_writable(output_dir)
     tcfg = cfg.trainer
     ctx = setup_distributed(tcfg.device)
     if tcfg.get("threads"):
         torch.set_num_threads(tcfg.threads)
-    seed_all(cfg.seed)
     try:
+        output_dir = check_writable(agree_on_run_dir(output_dir, ctx))  # rank 0's
+        seed_all(cfg.seed)
         train_set, test_set = build_datasets(cfg.dataset)
-        encoder, decoder = build_models(cfg.model, ctx.device)
+        encoder, decoder = build_models(cfg.model, ctx.device)  # the same weights on every rank
         check_data_fits_model(train_set, encoder, cfg.dataset, cfg.model.name)
+        if ctx.distributed:  # each rank its own random streams from here on (noise, dropout)
+            seed_all(rank_seed(cfg.seed, ctx.rank))
         step = instantiate(cfg.loss)
         optimizers, schedulers = build_optimizers(cfg.optim, encoder, decoder, tcfg.max_steps)
         train_loader = build_loader(

@@ -7,6 +7,7 @@ GPUs, gloo on CPUs); without them it returns a single-process context.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -24,6 +26,9 @@ log = logging.getLogger("ctrl_csc")
 
 __all__ = [
     "PREEMPTED_EXIT_CODE",
+    "agree_on_run_dir",
+    "gather_objects",
+    "rank_seed",
     "PreemptionGuard",
     "TrainingPreempted",
     "SINGLE_PROCESS",
@@ -233,3 +238,34 @@ class PreemptionGuard:
             log.warning("scontrol requeue %s failed: %s", job, done.stderr.strip())
             return None
         return f"scontrol requeue {job}"
+
+
+# ---------------------------------------------------------------------------- per-rank state
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s random streams in a run seeded with ``seed``: a hash of the
+    pair, so that ranks draw independent noise (rank 0 included; one process keeps ``seed``)."""
+    digest = hashlib.sha256(f"ctrl_csc:{int(seed)}:{int(rank)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def agree_on_run_dir(path: str | os.PathLike, ctx: DistContext) -> Path:
+    """Rank 0's run directory on every rank. Under torchrun each process composes its own Hydra
+    config, and ``${now:...}`` in ``hydra.run.dir`` may differ between them by a second."""
+    if not ctx.distributed:
+        return Path(path)
+    chosen = [str(path)]
+    dist.broadcast_object_list(chosen, src=0)
+    if chosen[0] != str(path):
+        log.info("rank %d writes to rank 0's run directory %s (not %s)", ctx.rank, chosen[0], path)
+    return Path(chosen[0])
+
+
+def gather_objects(obj, ctx: DistContext) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in one process)."""
+    if not ctx.distributed:
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out

@@ -48,6 +48,8 @@ from ctrl_csc.engine.distributed import (
     PreemptionGuard,
     ResumableSampler,
     TrainingPreempted,
+    gather_objects,
+    rank_seed,
 )
 from ctrl_csc.engine.loggers import JSONLinesLogger, format_metrics
 from ctrl_csc.engine.steps import TrainStep
@@ -276,7 +278,11 @@ class Trainer:
             "metrics": dict(self.last_metrics),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], own_rng: bool = False) -> None:
+        """Restore :meth:`state_dict` (or a checkpoint). Each rank takes its own random state
+        from the checkpoint's ``rng_ranks`` when it was written by as many processes; otherwise
+        rank 0 takes ``rng`` and the other ranks start streams of their own (``own_rng``: the
+        state is this process's own, e.g. the in-memory copy from before a step)."""
         load_module_state(self.encoder, state["models"]["encoder"], "encoder")
         load_module_state(self.decoder, state["models"]["decoder"], "decoder")
         for k, o in self.game.optimizers.items():
@@ -285,13 +291,29 @@ class Trainer:
             s.load_state_dict(state["schedulers"][k])
         if state.get("scaler"):
             self.game.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks")
+        if own_rng or not self.ctx.distributed:
+            set_rng_state(state["rng"])
+        elif isinstance(ranks, list) and len(ranks) == self.ctx.world_size:
+            set_rng_state(ranks[self.ctx.rank])
+        else:
+            set_rng_state(state["rng"])
+            if self.ctx.rank > 0:
+                torch.manual_seed(rank_seed(int(state["step"]), self.ctx.rank))
+            log.warning(
+                "the checkpoint holds the random state of %s process(es), this run has %d: "
+                "ranks > 0 start new random streams",
+                len(ranks) if isinstance(ranks, list) else 1,
+                self.ctx.world_size,
+            )
         self.step = int(state["step"])
         self.last_metrics = dict(state.get("metrics", {}))
 
     def save(self, name: str = "last.pt") -> Path | None:
-        """Write a checkpoint (main process only). A state whose weights are not finite is
-        refused (:class:`NonFiniteObjectiveError`): the checkpoint on disk is kept."""
+        """Write a checkpoint (main process only; every rank must call it, as each rank's random
+        state is gathered into ``rng_ranks``). A state whose weights are not finite is refused
+        (:class:`NonFiniteObjectiveError`): the checkpoint on disk is kept."""
+        ranks = gather_objects(rng_state(), self.ctx) if self.ctx.distributed else None
         if not self.ctx.is_main:
             return None
         for part, module in (("encoder", self.encoder), ("decoder", self.decoder)):
@@ -302,7 +324,10 @@ class Trainer:
                         f"{name} was not written (what is on disk under "
                         f"{self.output_dir / 'checkpoints'} is kept)"
                     )
-        return save_checkpoint(self.state_dict(), self.output_dir / "checkpoints" / name)
+        state = self.state_dict()
+        if ranks is not None:
+            state["rng_ranks"] = ranks
+        return save_checkpoint(state, self.output_dir / "checkpoints" / name)
 
     def _snapshot(self) -> dict[str, Any]:
         """The state before a step, copied on its device (what :meth:`load_state_dict` takes)."""
@@ -340,7 +365,7 @@ class Trainer:
             counts = ", ".join(f"{p} {applied.count(p)}x" for p in dict.fromkeys(applied))
             note = f", after this step's update(s) of {counts} had been applied"
         if before is not None:
-            self.load_state_dict(before)  # roll the applied updates back
+            self.load_state_dict(before, own_rng=True)  # roll the applied updates back
         elif applied:
             return NonFiniteObjectiveError(
                 f"{error} [the {what} in training step {failing}{note}; that mid-step state "
