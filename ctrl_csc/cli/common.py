@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Subset
 
 from ctrl_csc.cli.guard import DECODERS, ENCODERS, UnsafeConfigError, checked_entry, plain_config
+from ctrl_csc.engine.checkpoint import CheckpointError
+from ctrl_csc.engine.trainer import NonFiniteObjectiveError
 
 log = logging.getLogger("ctrl_csc")
 
@@ -27,7 +31,38 @@ __all__ = [
     "to_container",
     "check_writable",
     "seeded_subset",
+    "EXIT_USER_ERROR",
+    "EXIT_NON_FINITE",
+    "one_clear_answer",
 ]
+
+#: Exit status of a console script stopped by an error the user can fix (a setting, a file).
+EXIT_USER_ERROR = 2
+#: Exit status of a run stopped by a non-finite objective (the last good state is saved).
+EXIT_NON_FINITE = 3
+# (a preempted run exits with ctrl_csc.engine.distributed.PREEMPTED_EXIT_CODE = 75)
+
+#: Errors a user causes, each raised with one message naming the setting or file to change.
+USER_ERRORS = (CheckpointError, ValueError, PermissionError, FileNotFoundError)
+
+
+@contextmanager
+def one_clear_answer() -> Iterator[None]:
+    """Around a console script's work: an error the user caused is logged as its one message
+    and the script exits with :data:`EXIT_USER_ERROR` (a non-finite objective with
+    :data:`EXIT_NON_FINITE`) instead of showing a traceback. ``HYDRA_FULL_ERROR=1`` (or
+    ``CTRL_CSC_TRACEBACK=1``) lets the exception through, traceback and all."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("CTRL_CSC_TRACEBACK") == "1":
+        yield
+        return
+    try:
+        yield
+    except NonFiniteObjectiveError as e:
+        log.error("%s", e)
+        raise SystemExit(EXIT_NON_FINITE) from None
+    except USER_ERRORS as e:
+        log.error("%s", e)
+        raise SystemExit(EXIT_USER_ERROR) from None
 
 
 def config_dir() -> str:

@@ -27,6 +27,7 @@ from ctrl_csc.cli.common import (
     build_models,
     check_writable,
     config_dir,
+    one_clear_answer,
     seed_all,
     seeded_subset,
 )
@@ -83,7 +84,7 @@ def build_eval_dataset(cfg: DictConfig, data_cfg: DictConfig, split: str):
 
 
 def initial_models(
-    train_config: dict[str, Any], source: str = "the stored configuration"
+    train_config: dict[str, Any], source: str = "a stored configuration"
 ) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     """The ``(encoder, decoder)`` a training run started from, re-created from its config.
 
@@ -188,7 +189,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
 @hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """Console script ``ctrl-csc-eval``; returns the PSNR (for sweeps over checkpoints)."""
-    metrics = run(cfg, HydraConfig.get().runtime.output_dir)
+    with one_clear_answer():
+        metrics = run(cfg, HydraConfig.get().runtime.output_dir)
     return float(metrics.get("psnr", float("nan")))
 
 

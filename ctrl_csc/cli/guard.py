@@ -80,10 +80,13 @@ _PLAIN = (str, int, float, bool, type(None))
 
 
 def _refuse(where: str, source: str, what: str) -> UnsafeConfigError:
-    return UnsafeConfigError(
-        f"refusing to build `{where}` from {source}: {what}. A model file is data, never code: "
-        "only this project's own classes are built from a stored configuration"
+    why = (
+        "A model file is data, never code: only this project's own classes are built from a "
+        "stored configuration"
+        if not source.startswith("the ")
+        else f"Change `{where}`"
     )
+    return UnsafeConfigError(f"refusing to build `{where}` from {source}: {what}. {why}")
 
 
 def plain_config(cfg: Any, source: str | None = None) -> Any:

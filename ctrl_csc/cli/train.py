@@ -24,6 +24,7 @@ from ctrl_csc.cli.common import (
     check_data_fits_model,
     check_writable,
     config_dir,
+    one_clear_answer,
     seed_all,
     seeded_subset,
     to_container,
@@ -221,7 +222,8 @@ def main(cfg: DictConfig) -> float:
     optimise it)."""
     hc = HydraConfig.get()
     sweep = list(hc.overrides.task) if hc.mode == RunMode.MULTIRUN else None
-    metrics = run(cfg, hc.runtime.output_dir, sweep)
+    with one_clear_answer():
+        metrics = run(cfg, hc.runtime.output_dir, sweep)
     return float(metrics.get(cfg.monitor, float("nan")))
 
 
