@@ -204,3 +204,33 @@ def test_every_project_model_config_passes_the_guard_as_user_config_and_as_store
     f2, g2 = build_models(stored, source="'stored.pt'")
     assert type(f) is type(f2) and type(g) is type(g2)
     assert f.state_dict().keys() == f2.state_dict().keys()
+
+
+def test_a_class_of_ones_own_is_built_once_registered():
+    import torch
+
+    from ctrl_csc.cli import guard
+
+    class MyEncoder(torch.nn.Module):
+        def __init__(self, width: int = 3):
+            super().__init__()
+            self.fc = torch.nn.Linear(width, width)
+
+    cfg = {
+        "encoder": {"_target_": f"{__name__}.MyEncoder", "width": 4},
+        "decoder": {
+            "_target_": "ctrl_csc.models.DCGANDecoder",
+            "out_channels": 1,
+            "image_size": 32,
+            "feature_dim": 8,
+        },
+    }
+    with pytest.raises(UnsafeConfigError, match="MyEncoder"):
+        build_models(cfg)
+    name = guard.register_model_class(MyEncoder, "encoder")
+    try:
+        cfg["encoder"]["_target_"] = name
+        f, _ = build_models(cfg)
+        assert isinstance(f, MyEncoder) and f.fc.in_features == 4
+    finally:
+        del guard.ENCODERS[name]

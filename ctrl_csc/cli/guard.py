@@ -19,6 +19,7 @@ so nothing named by a refused file is ever imported.
 
 A configuration composed by Hydra from the user's own ``conf/`` is resolved first (its
 interpolations are the user's) and then passes the same checks; every ``conf/model/*.yaml`` does.
+A model class of one's own is admitted from Python with :func:`register_model_class`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ __all__ = [
     "check_stored_config",
     "checked_entry",
     "plain_config",
+    "register_model_class",
 ]
 
 
@@ -74,6 +76,18 @@ def _names(*objs: Callable) -> dict[str, Callable]:
 ENCODERS: dict[str, Callable] = _names(CSCEncoder, DCGANEncoder, ResNetEncoder, ConvEncoder)
 DECODERS: dict[str, Callable] = _names(CSCDecoder, DCGANDecoder, ResNetDecoder, ConvDecoder)
 DATASET_BUILDERS: dict[str, Callable] = _names(build_dataset)
+
+
+def register_model_class(cls: type, kind: str) -> str:
+    """Admit an encoder (``kind="encoder"``) or decoder class of one's own as a ``_target_`` of
+    ``model.encoder`` / ``model.decoder``; returns its target name (``module.QualName``)."""
+    table = {"encoder": ENCODERS, "decoder": DECODERS}.get(kind)
+    if table is None:
+        raise ValueError(f"kind must be 'encoder' or 'decoder', got {kind!r}")
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    table[name] = cls
+    return name
+
 
 _SPECIAL = re.compile(r"^_.*_$")  # Hydra's reserved keys: _target_, _args_, _partial_, ...
 _PLAIN = (str, int, float, bool, type(None))
