@@ -203,13 +203,12 @@ def run(
             resume_strict=tcfg.get("resume_strict", True),
         )
         resume = resolve_resume(tcfg.resume, output_dir, sweep_overrides)
-        state = None
-        if resume is not None:
-            state = load_checkpoint(resume, map_location="cpu")
-            if isinstance(state.get("config"), dict) and "model" in state["config"]:
-                check_stored_config(state["config"], f"{str(resume)!r}")
+        if resume is not None:  # the guard reads the stored config before the trainer does
+            stored = load_checkpoint(resume, map_location="cpu").get("config")
+            if isinstance(stored, dict) and "model" in stored:
+                check_stored_config(stored, f"{str(resume)!r}")
         try:
-            return trainer.fit(resume=resume, resume_state=state)
+            return trainer.fit(resume=resume)
         finally:
             trainer.close()
     finally:
