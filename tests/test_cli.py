@@ -51,7 +51,7 @@ def test_bare_command_is_the_quickstart():
     cfg = cfg_of()
     assert (cfg.dataset.name, cfg.model.name, cfg.trainer.device) == (
         "mnist5k",
-        "csc_ctrl_tiny",
+        "csc_ctrl_mini",
         "cpu",
     )
 
@@ -196,7 +196,7 @@ def test_wheel_ships_the_configs(tmp_path):
     )
     wheel = next((tmp_path / "dist").glob("ctrl_csc-*.whl"))
     files = zipfile.ZipFile(wheel).namelist()
-    assert "ctrl_csc/conf/train.yaml" in files and "ctrl_csc/conf/model/csc_ctrl_tiny.yaml" in files
+    assert "ctrl_csc/conf/train.yaml" in files and "ctrl_csc/conf/model/csc_ctrl_mini.yaml" in files
     subprocess.run(
         [
             sys.executable,
@@ -229,7 +229,7 @@ def test_wheel_ships_the_configs(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     where, model = out.stdout.split()
-    assert Path(where).is_relative_to(tmp_path / "site") and model == "csc_ctrl_tiny"
+    assert Path(where).is_relative_to(tmp_path / "site") and model == "csc_ctrl_mini"
 
 
 def _free_port():

@@ -149,7 +149,11 @@ def test_eval_refuses_a_pickled_payload(tmp_path):
 def test_the_shipped_quickstart_model_is_present():
     assert PRETRAINED["quickstart"].is_file()
     _, config, metrics = read_release(PRETRAINED["quickstart"])
-    assert config["model"]["name"] == "csc_ctrl_tiny" and "psnr" in metrics
+    # the release is a run of the bare ctrl-csc-train, with its held-out PSNR
+    bare = compose_cfg("train", [])
+    assert config["model"]["name"] == bare.model.name
+    assert config["trainer"]["max_steps"] == bare.trainer.max_steps == metrics["step"]
+    assert metrics["psnr"] > metrics["psnr_mean_image"] + 6
 
 
 def test_eval_end_to_end_on_the_shipped_checkpoint(tmp_path):

@@ -1,10 +1,10 @@
 """The quickstart learns: a short run of the bare ``ctrl-csc-train`` reconstructs held-out digits
 far better than the mean training image does (``psnr_mean_image``, computed by the trainer).
 
-With the quickstart of 600 steps cut to 300 (its learning rate then decays to 0 over 300), the
-held-out PSNR is 25.9 dB against 12.7 dB for the mean image. A closed loop with a sign the wrong
-way round stays near or below the mean image (checked in a copy of the package: encoder sign
-flipped 12.8 dB, decoder sign flipped 5.7 dB), so the 8 dB margin cannot be reached by it.
+With the quickstart of 500 steps cut to 300 (its learning rate then decays to 0 over 300), the
+held-out PSNR is 18.2 dB against 12.7 dB for the mean image. A closed loop with a sign the wrong
+way round ends far below the mean image (checked in a copy of the package: encoder sign flipped
+6.7 dB, decoder sign flipped 6.6 dB), so the 4 dB margin cannot be reached by it.
 """
 
 import json
@@ -16,8 +16,8 @@ from hydra import compose, initialize_config_dir
 from ctrl_csc.cli.common import config_dir
 from ctrl_csc.cli.train import run
 
-STEPS = 300  # of the quickstart's 600 (the learning rate decays to 0 over these)
-MARGIN_DB = 8.0  # held-out PSNR over the mean image's
+STEPS = 300  # of the quickstart's 500 (the learning rate decays to 0 over these)
+MARGIN_DB = 4.0  # held-out PSNR over the mean image's
 
 
 @pytest.mark.slow
