@@ -5,7 +5,6 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 import zipfile
@@ -17,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from torchrun_helpers import free_port, train_rank
 
 from ctrl_csc.cli.common import build_models, check_writable, config_dir
 from ctrl_csc.cli.train import run
@@ -232,24 +232,6 @@ def test_wheel_ships_the_configs(tmp_path):
     assert Path(where).is_relative_to(tmp_path / "site") and model == "csc_ctrl_mini"
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, cfg, out):
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
-    run(cfg, out)
-
-
 def sgd(lr):
     """Plain SGD for both players: an update is lr × the gradient, so a gradient off by a factor
     (a missing or doubled average over ranks) shows in the weights (Adam would normalise it)."""
@@ -288,8 +270,8 @@ def test_two_processes_make_the_one_process_updates(tmp_path):
     run(single, tmp_path / "one")
     double = cfg_of([*common, *sgd(1e-3), "trainer.batch_size=8"])
     torch.multiprocessing.start_processes(
-        _worker,
-        args=(2, _free_port(), double, tmp_path / "two"),
+        train_rank,
+        args=(2, free_port(), double, [tmp_path / "two"] * 2),
         nprocs=2,
         join=True,
         start_method="spawn",

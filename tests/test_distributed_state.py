@@ -1,15 +1,12 @@
 """Under torch.distributed: one run directory (rank 0's), per-rank random streams seeded by
 (seed, rank), and every rank's random state in the checkpoint."""
 
-import os
-import socket
-
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from torchrun_helpers import free_port, train_rank
 
 from ctrl_csc.cli.common import config_dir
-from ctrl_csc.cli.train import run
 from ctrl_csc.engine import load_checkpoint
 from ctrl_csc.engine.distributed import rank_seed
 
@@ -20,24 +17,6 @@ def test_rank_seeds_are_distinct_and_fixed_by_seed_and_rank():
     assert rank_seed(3, 1) == rank_seed(3, 1) != rank_seed(1, 3)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, cfg, outs):
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
-    run(cfg, outs[rank])  # each rank is handed another directory, as ${now:...} may do
-
-
 @pytest.mark.distributed
 def test_two_ranks_share_rank_0s_directory_and_draw_their_own_noise(tmp_path):
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -46,7 +25,7 @@ def test_two_ranks_share_rank_0s_directory_and_draw_their_own_noise(tmp_path):
         )
     outs = [tmp_path / "rank0", tmp_path / "rank1"]
     torch.multiprocessing.start_processes(
-        _worker, args=(2, _free_port(), cfg, outs), nprocs=2, join=True, start_method="spawn"
+        train_rank, args=(2, free_port(), cfg, outs), nprocs=2, join=True, start_method="spawn"
     )
     assert not outs[1].exists()  # rank 1 wrote into rank 0's directory, not its own
     state = load_checkpoint(outs[0] / "checkpoints" / "last.pt")

@@ -8,7 +8,6 @@ holding the whole batch.
 """
 
 import datetime
-import socket
 import time
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torchrun_helpers import free_port
 
 from ctrl_csc.losses import CTRLObjective, all_gather, all_gather_with_grad
 
@@ -88,18 +88,12 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
 def test_two_processes_equal_one_process(tmp_path):
     ctx = mp.start_processes(
         _worker,
-        args=(_free_port(), tmp_path),
+        args=(free_port(), tmp_path),
         nprocs=WORLD,
         join=False,
         start_method="spawn",

@@ -1,0 +1,29 @@
+"""Running ``ctrl_csc.cli.train.run`` as ranks of a local gloo group (multi-process tests)."""
+
+import os
+import socket
+
+import torch
+
+from ctrl_csc.cli.train import run
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_rank(rank, world, port, cfg, outs):
+    """Rank ``rank`` of ``world``: the torchrun environment, one thread, ``run(cfg, outs[rank])``
+    (each rank may be handed its own directory, as ``${now:...}`` may do)."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    run(cfg, outs[rank])
