@@ -151,7 +151,7 @@ def check_writable(path: str | os.PathLike) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
+        probe = path / f".write_test.{os.getpid()}"  # per process: ranks share rank 0's directory
         probe.write_text("")
         probe.unlink()
     except OSError as e:
