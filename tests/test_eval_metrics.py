@@ -69,29 +69,40 @@ def test_ssim_matches_direct_formula_and_skimage():
         ]
     )
     y = y.clamp(-1, 1)
-    got = M.ssim(x, y, data_range=2.0)
+    got = M.ssim(x, y)  # images in [-1, 1]: mapped to [0, 1], L = 1
+    x01, y01 = (x + 1) / 2, (y + 1) / 2
     want = torch.tensor(
-        [_ssim_numpy(a.numpy(), b.numpy(), 2.0) for a, b in zip(x, y)], dtype=torch.float64
+        [_ssim_numpy(a.numpy(), b.numpy(), 1.0) for a, b in zip(x01, y01)], dtype=torch.float64
     )
     torch.testing.assert_close(got.double(), want.double(), rtol=0, atol=1e-10)
-    # scikit-image's reference-compatible settings (Gaussian σ 1.5, population covariance,
-    # borders cropped). torchmetrics >= 1.x averages over reflect-padded borders, so it differs.
+    # scikit-image on [0, 1] images with data_range=1 (the published convention), with the
+    # reference implementation's settings (Gaussian σ 1.5, population covariance, borders
+    # cropped). torchmetrics >= 1.x averages over reflect-padded borders, so it differs.
     from skimage.metrics import structural_similarity
 
     sk = [
         structural_similarity(
             a.numpy(),
             b.numpy(),
-            data_range=2.0,
+            data_range=1.0,
             channel_axis=0,
             gaussian_weights=True,
             sigma=1.5,
             use_sample_covariance=False,
         )
-        for a, b in zip(y, x)
+        for a, b in zip(y01, x01)
     ]
     torch.testing.assert_close(
         got.double(), torch.tensor(sk, dtype=torch.float64), rtol=0, atol=1e-8
+    )
+    # images already in [0, 1]: the same numbers
+    torch.testing.assert_close(M.ssim(x01, y01, value_range=(0, 1)), got, rtol=0, atol=1e-12)
+    # SSIM on [-1, 1] with L = 2 is a different number (the luminance term is not shift-invariant)
+    assert not torch.allclose(
+        got,
+        torch.tensor(
+            [_ssim_numpy(a.numpy(), b.numpy(), 2.0) for a, b in zip(x, y)], dtype=torch.float64
+        ),
     )
 
 

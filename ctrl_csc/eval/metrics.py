@@ -104,24 +104,28 @@ def _gaussian_window(size: int, sigma: float, dtype: torch.dtype, device: torch.
 def ssim(
     x: Tensor,
     y: Tensor,
-    data_range: float = 2.0,
+    value_range: tuple[float, float] = (-1.0, 1.0),
     window_size: int = 11,
     sigma: float = 1.5,
     k1: float = 0.01,
     k2: float = 0.03,
 ) -> Tensor:
-    """Structural similarity (Wang et al., 2004) of each image pair.
+    """Structural similarity (Wang et al., 2004) of each image pair, in the published convention.
 
-    Local statistics use an ``window_size × window_size`` Gaussian window (std ``sigma``) over the
-    valid region (no padding, as the reference implementation); per pixel and channel
+    The images are first mapped from ``value_range`` to ``[0, 1]`` and SSIM is computed there with
+    ``L = 1`` — the convention of the reference implementation, scikit-image and every published
+    SSIM. (The luminance term ``2 μx μy + C1`` is not shift-invariant, so SSIM on ``[-1, 1]`` with
+    ``L = 2`` is a different number.) Local statistics use an ``window_size × window_size``
+    Gaussian window (std ``sigma``) over the valid region (no padding); per pixel and channel
 
         SSIM = (2 μx μy + C1)(2 σxy + C2) / ((μx² + μy² + C1)(σx² + σy² + C2)),
-        C1 = (k1 L)², C2 = (k2 L)², L = data_range,
+        C1 = k1², C2 = k2²,
 
     averaged over channels and positions. Computed in float64.
 
     Args:
-        x, y: images ``(N, C, H, W)`` with ``H, W >= window_size``.
+        x, y: images ``(N, C, H, W)`` with values in ``value_range`` and ``H, W >= window_size``.
+        value_range: ``(min, max)`` of the pixel range (the project's images are in ``[-1, 1]``).
 
     Returns:
         ``(N,)`` tensor in ``[-1, 1]``; 1 for identical images.
@@ -130,7 +134,10 @@ def ssim(
     n, c, h, w = x.shape
     if h < window_size or w < window_size:
         raise ValueError(f"ssim: images of {h}x{w} px are smaller than the {window_size}-px window")
-    xd, yd = x.double(), y.double()
+    lo, hi = (float(v) for v in value_range)
+    if not hi > lo:
+        raise ValueError(f"ssim: value_range must be (min, max) with max > min, got {value_range}")
+    xd, yd = (x.double() - lo) / (hi - lo), (y.double() - lo) / (hi - lo)
     win = _gaussian_window(window_size, sigma, torch.float64, x.device)
     win = win.expand(c, 1, window_size, window_size)
 
@@ -141,7 +148,7 @@ def ssim(
     sxx = filt(xd * xd) - mu_x**2
     syy = filt(yd * yd) - mu_y**2
     sxy = filt(xd * yd) - mu_x * mu_y
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    c1, c2 = k1**2, k2**2
     num = (2 * mu_x * mu_y + c1) * (2 * sxy + c2)
     den = (mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2)
     return (num / den).flatten(1).mean(dim=1).to(torch.promote_types(x.dtype, torch.float32))
