@@ -101,6 +101,31 @@ def test_natural_patches_patch_size_and_errors():
         build_dataset("natural_patches", "train", test_fraction=1.5)
 
 
+def test_natural_patches_photo_subset():
+    """Crops of a subset of photos are exactly the full set's crops of those photos, relabelled."""
+    full = build_dataset("natural_patches", "test", test_size=40)
+    sub = build_dataset(
+        "natural_patches", "test", test_size=40, photos=["gravel", "camera"], num_classes=2
+    )
+    assert sub.classes == ["gravel", "camera"] and sub.num_classes == 2
+    names = [n for n, _ in NATURAL_PHOTOS]
+    assert set(sub.labels.tolist()) == {0, 1}
+    for i in range(len(sub)):
+        k = names.index(sub.classes[sub.labels[i]])
+        y, x, p = sub.ys[i], sub.xs[i], sub.patch_size
+        torch.testing.assert_close(
+            torch.from_numpy(sub.photos[sub.labels[i]][y : y + p, x : x + p]),
+            torch.from_numpy(full.photos[k][y : y + p, x : x + p]),
+        )
+    for bad in (["nope"], [], ["camera", "camera"]):
+        with pytest.raises(ValueError, match="dataset.photos"):
+            build_dataset("natural_patches", "test", test_size=4, photos=bad)
+    with pytest.raises(ValueError, match="dataset.num_classes=2"):
+        build_dataset(
+            "natural_patches", "test", test_size=4, photos=["coins", "brick"], num_classes=10
+        )
+
+
 def test_augment_flips_natural_train_split_only():
     plain = build_dataset("natural_patches", "train", train_size=8)
     aug = build_dataset("natural_patches", "train", train_size=8, augment=True)

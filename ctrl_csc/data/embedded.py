@@ -192,22 +192,31 @@ class NaturalPatches(LabelledDataset):
 def _build_natural_patches(
     split, root, image_size, download, flip, seed,
     train_size: int = 5000, test_size: int = 1000,
-    patch_size: int | None = None, test_fraction: float = 0.2,
+    patch_size: int | None = None, test_fraction: float = 0.2, photos=None,
 ):  # fmt: skip
     """``train_size`` / ``test_size``: number of crops (balanced over photos); ``patch_size``:
     side of the crops in photo pixels (``None``: ``image_size``; larger crops are downsampled);
-    ``test_fraction``: height fraction of each photo's bottom band reserved for test crops."""
+    ``test_fraction``: height fraction of each photo's bottom band reserved for test crops;
+    ``photos``: names of the photos to crop (``None``: all ten), labelled ``0..len-1`` in that
+    order — e.g. train on five photos and evaluate on the other five."""
+    names = [name for name, _ in NATURAL_PHOTOS]
+    chosen = list(names) if photos is None else [str(n) for n in photos]
+    unknown = [n for n in chosen if n not in names]
+    if unknown or not chosen or len(set(chosen)) != len(chosen):
+        raise ValueError(
+            f"dataset.photos must be distinct names among {', '.join(names)}; got {photos!r}"
+        )
     p = int(image_size if patch_size is None else patch_size)
     n = int(train_size if split == "train" else test_size)
     if n < 1:
         raise ValueError(f"dataset.{split}_size must be >= 1, got {n}")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"dataset.test_fraction must be in (0, 1), got {test_fraction}")
-    photos = _load_photos()
+    photos = [_load_photos()[names.index(n)] for n in chosen]
     heights = np.asarray([ph.shape[0] for ph in photos])
     widths = np.asarray([ph.shape[1] for ph in photos])
     band = np.maximum(np.ceil(test_fraction * heights).astype(np.int64), p)
-    too_small = [NATURAL_PHOTOS[k][0] for k in np.flatnonzero((heights - band < p) | (widths < p))]
+    too_small = [chosen[k] for k in np.flatnonzero((heights - band < p) | (widths < p))]
     if too_small:
         raise ValueError(
             f"dataset=natural_patches: patches of {p} px (dataset.patch_size, default "
@@ -228,6 +237,6 @@ def _build_natural_patches(
         ys,
         xs,
         p,
-        [name for name, _ in NATURAL_PHOTOS],
+        chosen,
         ImageTransform(image_size, flip=flip),
     )
