@@ -64,7 +64,7 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
 
 
 class CTRLStep:
-    """One round of the closed-loop transcription game (DESIGN §2).
+    """One round of the closed-loop transcription game (docs/design.md, §8 "The closed-loop game").
 
     With ``Z = f(X)``, ``X̂ = g(Z)``, ``Ẑ = f(X̂)`` and the objective's record ``terms``:
 
@@ -88,7 +88,7 @@ class CTRLStep:
 
     Args:
         objective: a :class:`~ctrl_csc.losses.CTRLObjective` (binary, multiclass or samplewise).
-        encoder_steps: encoder updates per decoder update (``k`` in DESIGN §2), at least 1.
+        encoder_steps: encoder updates per decoder update (``k`` in docs/design.md, §8), at least 1.
         noise_std: standard deviation of Gaussian noise added to the encoder's input ``X`` (the
             denoising option); 0 disables it.
         joint_batch: encode ``[X; X̂]`` in one pass (see above).

@@ -1,4 +1,6 @@
-"""Coding rate, rate reduction, the CTRL objectives and the distributed gather (DESIGN §2).
+"""Coding rate, rate reduction, the CTRL objectives and the distributed gather.
+
+The mathematics: docs/design.md, §6 "Coding rate and rate reduction" and §7 "The CTRL objectives".
 
 Pure torch: features ``Z`` of shape ``(n, d)`` (rows are samples), ``eps_sq`` = ε².
 """

@@ -1,4 +1,4 @@
-r"""The CTRL objectives (DESIGN §2) and the record they return.
+r"""The CTRL objectives and the record they return (docs/design.md, §7 "The CTRL objectives").
 
 The signs of the minimax game live here and only here: :attr:`ObjectiveTerms.total` is what the
 **encoder maximises**, :attr:`ObjectiveTerms.decoder_total` what the **decoder minimises**.
@@ -7,7 +7,7 @@ The signs of the minimax game live here and only here: :attr:`ObjectiveTerms.tot
 * ``multiclass`` (labels):  ``T = γ₁ ΔR(Z|Π) + γ₂ ΔR(Ẑ|Π) + γ₃ Σ_j ΔR(Z_j, Ẑ_j)``; both use ``T``.
 * ``samplewise`` (no labels, u-CTRL):
   encoder maximises ``R(Z) + ΔR(Z, Ẑ) − β D``, decoder minimises ``ΔR(Z, Ẑ) + β D``, with
-  ``D = (1/n) Σ_i d(z_i, ẑ_i)`` the **mean** over the ``n`` samples of the (global) batch. DESIGN
+  ``D = (1/n) Σ_i d(z_i, ẑ_i)`` the **mean** over the ``n`` samples of the (global) batch. u-CTRL
   writes ``β Σ_i``; we divide by ``n`` so that ``β`` keeps its meaning when the batch size (or the
   number of GPUs) changes — the rate terms do not grow with ``n``, a sum would. A summed penalty
   with weight ``β_Σ`` is ``β = n β_Σ``.
@@ -111,7 +111,7 @@ class CTRLObjective(nn.Module):
         gammas: (γ₁, γ₂, γ₃), weights of the ``multiclass`` terms.
         beta: β ≥ 0, weight of the sample-wise penalty (``samplewise``).
         encoder_beta: weight of the sample-wise penalty in what the *encoder* maximises;
-            ``None`` (default) uses ``beta`` for both players, as DESIGN writes it. The encoder
+            ``None`` (default) uses ``beta`` for both players, as u-CTRL writes it. The encoder
             can lower its penalty by becoming blind to how ``X̂`` differs from ``X`` (mapping
             both to the same features) instead of waiting for the decoder to improve; a smaller
             encoder weight makes it more of a critic (``experiments/notes/method.md``).

@@ -1,4 +1,5 @@
-r"""Coding rate and rate reduction (DESIGN §2), exact and batched.
+r"""Coding rate and rate reduction, exact and batched (docs/design.md, §6 "Coding rate and rate
+reduction").
 
 For features ``Z`` of shape ``(n, d)`` (rows are samples) and ``eps_sq`` = ε²:
 

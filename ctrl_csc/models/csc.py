@@ -1,8 +1,9 @@
 """CSC-CTRL encoder and decoder: stacks of convolutional-sparse-coding stages.
 
-Encoder ``f`` (DESIGN §2): image ``(N, C, H, W)`` → CSC stages (each an unrolled ISTA/FISTA solver
-of a convolutional Lasso, :class:`ctrl_csc.nn.CSCLayer`; stride 1 or 2; optional normalisation
-between stages) → flatten → ``Linear`` → ``(N, d)`` → normalised onto the unit sphere.
+Encoder ``f`` (docs/design.md, §5 "Encoder and decoder"): image ``(N, C, H, W)`` → CSC stages
+(each an unrolled ISTA/FISTA solver of a convolutional Lasso, :class:`ctrl_csc.nn.CSCLayer`;
+stride 1 or 2; optional normalisation between stages) → flatten → ``Linear`` → ``(N, d)`` →
+normalised onto the unit sphere.
 
 Decoder ``g``: ``(N, d)`` → ``Linear`` → reshape to the first decoder stage's code
 ``(N, C_0, h_0, w_0)`` → sparse-deconvolution stages (:class:`ctrl_csc.nn.SparseDeconvLayer`,

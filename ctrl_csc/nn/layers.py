@@ -1,4 +1,6 @@
-"""Convolutional sparse coding (encoder) and sparse deconvolution (decoder) stages (DESIGN §2).
+"""Convolutional sparse coding (encoder) and sparse deconvolution (decoder) stages.
+
+The mathematics: docs/design.md, §3 "The CSC stage" and §4 "Sparse deconvolution stages".
 
 Conventions. A CSC dictionary ``A`` is stored like an ``nn.Conv2d`` weight, ``(C_out, C_in, k, k)``
 (``C_out`` atoms / code channels, atom ``j`` is ``A[j]``), and defines
@@ -327,7 +329,9 @@ class CSCLayer(nn.Module):
 
 
 class SparseDeconvLayer(nn.Module):
-    """Sparse deconvolution stage: inverts the resolution change of a CSC stage (DESIGN §2).
+    """Sparse deconvolution stage: inverts the resolution change of a CSC stage.
+
+    See docs/design.md, §4 "Sparse deconvolution stages".
 
     Kinds:
 

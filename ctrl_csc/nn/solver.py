@@ -1,7 +1,7 @@
 r"""The unrolled convolutional Lasso solver shared by every sparse-coding stage.
 
-Problem (DESIGN §2), for a linear operator ``A`` (the dictionary ``D`` of a CSC stage, or the
-strided convolution ``B`` of an inverse-CSC decoder stage) and data ``u``::
+Problem (docs/design.md, §3 "The CSC stage"), for a linear operator ``A`` (the dictionary ``D``
+of a CSC stage, or the strided convolution ``B`` of an inverse-CSC decoder stage) and data ``u``::
 
     x* = argmin_x  ½‖u − A x‖² + λ‖x‖₁ + (μ/2)‖x‖²        (optionally subject to x ≥ 0)
 
