@@ -41,6 +41,10 @@ class CSCStageSpec:
         power_iters, init_power_iters: power-iteration steps per training forward / at init.
         lmbda_relative: ``lmbda`` is a fraction (``< 1``) of each sample's ``λ_max = ‖Dᵀu‖_∞``.
         init_std: initial std of the stored atoms' entries (``None``: unit-norm atoms).
+        backward: gradients through the solver: ``"unrolled"`` | ``"checkpoint"`` (same
+            gradients, ``O(√T)`` saved memory) | ``"implicit"`` (the converged solution's
+            gradient, constant memory, no ``learn_step``); validated by the layer.
+        compile: fuse each iteration's elementwise work with ``torch.compile``.
         norm: normalisation after the stage (``"batch" | "group" | "none"``); ``None`` uses the
             encoder's ``norm``.
         activation: nonlinearity after the norm (``"none"`` by default: the prox is the
@@ -63,6 +67,8 @@ class CSCStageSpec:
     init_power_iters: int = 50
     lmbda_relative: bool = False
     init_std: float | None = None
+    backward: str = "unrolled"
+    compile: bool = False
     norm: str | None = None
     activation: str = "none"
 
@@ -89,8 +95,8 @@ class DeconvStageSpec:
         kind: ``"synthesis"`` (``x = D' z``, a transposed convolution) or ``"inverse_csc"``
             (unrolled sparse coding that upsamples).
         lmbda, mu, n_iter, algorithm, nonnegative, normalize_atoms, learn_lmbda, learn_step,
-            power_iters, init_power_iters, lmbda_relative: solver options (used by
-            ``inverse_csc``).
+            power_iters, init_power_iters, lmbda_relative, backward, compile: solver options
+            (used by ``inverse_csc``).
         init_std: initial std of the stored atoms' entries (``None``: unit-norm atoms).
         norm: normalisation after the stage (not after the last stage); ``None`` uses the decoder's
             ``norm``.
@@ -116,6 +122,8 @@ class DeconvStageSpec:
     init_power_iters: int = 50
     lmbda_relative: bool = False
     init_std: float | None = None
+    backward: str = "unrolled"
+    compile: bool = False
     norm: str | None = None
     activation: str = "auto"
 

@@ -149,6 +149,13 @@ class CSCLayer(nn.Module):
             an atom of ``n`` entries ``∝ √n`` times faster, so small first-stage atoms (``n =
             C·k²``, e.g. 16) barely move while large later ones do; one ``init_std`` for every
             stage gives each the same speed.
+        backward: how gradients go through the solver: ``"unrolled"`` (through every
+            iteration; saved memory grows with ``T``), ``"checkpoint"`` (the same gradients,
+            iterations replayed in backward, ``O(√T)`` saved codes) or ``"implicit"`` (the
+            gradient of the converged Lasso solution through its support, constant memory;
+            refuses ``learn_step``). See :mod:`ctrl_csc.nn.solver`.
+        compile: fuse each iteration's elementwise work with ``torch.compile`` (eager, with a
+            warning, where compile cannot run).
 
     Shapes:
         input ``(N, C_in, H, W)`` → code ``(N, C_out, h, w)``, ``h = ⌊(H + 2p − k)/s⌋ + 1``.
@@ -177,6 +184,8 @@ class CSCLayer(nn.Module):
         init_power_iters: int = 50,
         lmbda_relative: bool = False,
         init_std: float | None = None,
+        backward: str = "unrolled",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         owner = "CSCLayer"
@@ -185,7 +194,7 @@ class CSCLayer(nn.Module):
         _check_geometry(in_channels, out_channels, kernel_size, stride, padding, owner)
         check_solver_options(
             lmbda, mu, n_iter, algorithm, learn_lmbda, power_iters, init_power_iters, owner,
-            lmbda_relative,
+            lmbda_relative, backward, learn_step, compile,
         )  # fmt: skip
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -197,7 +206,7 @@ class CSCLayer(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.solver = UnrolledLasso(
             out_channels, lmbda, mu, n_iter, algorithm, nonnegative, learn_lmbda, learn_step,
-            power_iters, init_power_iters, lmbda_relative,
+            power_iters, init_power_iters, lmbda_relative, backward, compile,
         )  # fmt: skip
         self.reset_parameters()
 
@@ -352,8 +361,8 @@ class SparseDeconvLayer(nn.Module):
         kernel_size, stride, padding: geometry; ``padding=None`` means ``k // 2``.
         kind: ``"synthesis"`` or ``"inverse_csc"``.
         lmbda, mu, n_iter, algorithm, nonnegative, learn_lmbda, learn_step, power_iters,
-        init_power_iters, lmbda_relative: solver options, as for :class:`CSCLayer`
-        (``inverse_csc`` only).
+        init_power_iters, lmbda_relative, backward, compile: solver options, as for
+        :class:`CSCLayer` (``inverse_csc`` only).
         init_std: initial scale of the stored atoms, as for :class:`CSCLayer`.
         normalize_atoms: see the kinds.
 
@@ -386,6 +395,8 @@ class SparseDeconvLayer(nn.Module):
         init_power_iters: int = 50,
         lmbda_relative: bool = False,
         init_std: float | None = None,
+        backward: str = "unrolled",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         owner = "SparseDeconvLayer"
@@ -396,7 +407,7 @@ class SparseDeconvLayer(nn.Module):
         _check_geometry(in_channels, out_channels, kernel_size, stride, padding, owner)
         check_solver_options(
             lmbda, mu, n_iter, algorithm, learn_lmbda, power_iters, init_power_iters, owner,
-            lmbda_relative,
+            lmbda_relative, backward, learn_step, compile,
         )  # fmt: skip
         if kind == "synthesis" and (learn_lmbda or learn_step):
             raise ValueError(
@@ -425,6 +436,8 @@ class SparseDeconvLayer(nn.Module):
                 power_iters,
                 init_power_iters,
                 lmbda_relative,
+                backward,
+                compile,
             )  # fmt: skip
             if kind == "inverse_csc"
             else None

@@ -27,13 +27,28 @@ each iteration adds three elementwise passes (plus one ``lerp`` for the FISTA mo
 
 The Lipschitz constant comes from :func:`power_iteration` on a persistent, warm-started vector kept
 by :class:`UnrolledLasso`, and is never backpropagated through.
+
+Backward (``backward=``). ``"unrolled"`` backpropagates through every iteration, so the tensors
+saved for backward grow linearly with ``T``. ``"checkpoint"`` runs the iterations in
+``⌈√(T−1)⌉``-long segments without a graph, saves only each segment's input ``(x, x_prev)`` and
+recomputes one segment at a time in backward: the same gradients (the same operations are
+replayed), ``O(√T)`` saved codes. ``"implicit"`` differentiates the *converged* Lasso solution
+instead of the iterations: the first ``T − 1`` iterations run without a graph, the last one is
+recorded, and its incoming gradient ``g`` is replaced by ``w = 1_S·(a(AᵀA + μ)_SS)⁻¹ g_S`` on the
+support ``S`` of ``x_T`` (conjugate gradients, matrix-free), which is the implicit-function-theorem
+gradient of the fixed point ``x* = prox(x* − η∇f(x*))`` with respect to ``u``, the operator and
+``λ`` (also ``λ_n = ρ·λ_max(u_n)`` when relative). It is exact only at a converged ``x_T`` with
+strict complementarity, and it does not differentiate the step size (the solution does not depend
+on ``η``), so ``learn_step`` is refused with it.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +58,7 @@ from .prox import shrink
 
 __all__ = [
     "ALGORITHMS",
+    "BACKWARDS",
     "StridedConv",
     "power_iteration",
     "fista_momentum",
@@ -54,6 +70,7 @@ __all__ = [
 ]
 
 ALGORITHMS = ("ista", "fista")
+BACKWARDS = ("unrolled", "checkpoint", "implicit")
 
 Callback = Callable[[int, Tensor], None]
 
@@ -203,6 +220,54 @@ def proximal_gradient_step(
     return shrink(v, theta)
 
 
+def _step_kernel(
+    y: Tensor,
+    c: Tensor,
+    h: Tensor,
+    s: Tensor | float | None,
+    theta: Tensor | float | None,
+    nonnegative: bool,
+) -> Tensor:
+    """:func:`proximal_gradient_step` written out of plain (out-of-place) operations, for
+    ``torch.compile`` to fuse into one elementwise kernel (forward and backward)."""
+    v = (c + y if s is None else c + s * y) - h
+    if nonnegative:
+        return torch.relu(v)
+    return torch.sign(v) * torch.relu(v.abs() - theta)
+
+
+_COMPILED: dict[str, Callable[..., Tensor]] = {}
+
+
+def compile_available() -> bool:
+    """Whether ``torch.compile`` can build a kernel here (it needs a C++ compiler on CPU);
+    tried once per process on a tiny function."""
+    if "ok" not in _COMPILED:
+        try:
+            fn = torch.compile(lambda x: torch.relu(x - 1.0), fullgraph=True)
+            fn(torch.zeros(4))
+            _COMPILED["ok"] = fn
+        except Exception:  # noqa: BLE001 - any failure means: stay eager
+            _COMPILED["ok"] = None  # type: ignore[assignment]
+    return _COMPILED["ok"] is not None
+
+
+def fused_step(
+    y: Tensor,
+    c: Tensor,
+    h: Tensor,
+    s: Tensor | float | None,
+    theta: Tensor | float | None,
+    nonnegative: bool,
+) -> Tensor:
+    """:func:`proximal_gradient_step` as one ``torch.compile``-d elementwise kernel (the same
+    value and gradients, up to rounding; compiled once per process and set of guards)."""
+    fn = _COMPILED.get("step")
+    if fn is None:
+        fn = _COMPILED["step"] = torch.compile(_step_kernel, fullgraph=True, dynamic=None)
+    return fn(y, c, h, s, theta, nonnegative)
+
+
 def _threshold_bias(theta: Tensor | float, channels: int, like: Tensor) -> Tensor:
     """A conv bias of ``−θ`` for each of ``channels`` output channels."""
     if isinstance(theta, Tensor):
@@ -238,6 +303,197 @@ def lambda_max(u: Tensor, operator: StridedConv, nonnegative: bool = False) -> T
     return _max_correlation(operator.adjoint(u), nonnegative).flatten()
 
 
+def _run_iterations(
+    z: Tensor,
+    z_prev: Tensor,
+    c: Tensor,
+    weight: Tensor,
+    weight_scaled: Tensor,
+    s: Tensor | float | None,
+    theta: Tensor | float | None,
+    *,
+    operator: StridedConv,
+    betas: list[float],
+    first: int,
+    last: int,
+    nonnegative: bool,
+    fused: bool,
+    callback: Callback | None,
+) -> tuple[Tensor, Tensor]:
+    """Iterations ``t = first .. last − 1`` (``x_t → x_{t+1}``) from
+    ``(x_t, x_{t−1}) = (z, z_prev)``.
+
+    ``weight`` is the operator's weight and ``weight_scaled`` the same times ``a`` (both passed
+    explicitly so a checkpointed segment can be replayed with fresh leaves). Returns
+    ``(x_last, x_{last−1})``.
+    """
+    op = replace(operator, weight=weight)
+    scaled = replace(operator, weight=weight_scaled)
+    step = fused_step if fused else proximal_gradient_step
+    for t in range(first, last):
+        beta = betas[t - 1]
+        y = z if beta == 0.0 else torch.lerp(z, z_prev, -beta)  # z + β(z − z_prev)
+        h = scaled.adjoint(op.apply(y))
+        z_prev, z = z, step(y, c, h, s, theta, nonnegative)
+        if callback is not None:
+            callback(t + 1, z)
+    return z, z_prev
+
+
+def _data_term(
+    u: Tensor,
+    operator: StridedConv,
+    a: Tensor | float,
+    lmbda: Tensor | float,
+    nonnegative: bool,
+    lmbda_relative: bool,
+) -> tuple[Tensor, Tensor | float, StridedConv]:
+    """``(c, θ, a·A)``: ``c = a·Aᵀu`` (minus ``θ = aλ`` when non-negative, fused as the conv's
+    bias), ``θ`` per sample ``(N, 1, 1, 1)`` when ``lmbda_relative``."""
+    scaled = operator.scaled(a)
+    if lmbda_relative:
+        c = scaled.adjoint(u)  # a Aᵀu, whose per-sample max is a·λ_max (a > 0)
+        theta = lmbda * _max_correlation(c, nonnegative)  # a λ_n, shape (N, 1, 1, 1)
+        if nonnegative:
+            c = c - theta  # a (Aᵀu − λ_n)
+    elif nonnegative:
+        theta = a * lmbda
+        bias = _threshold_bias(theta, operator.unknown_channels, scaled.weight)
+        c = scaled.adjoint(u, bias)  # a (Aᵀu − λ)
+    else:
+        theta = a * lmbda
+        c = scaled.adjoint(u)  # a Aᵀu
+    return c, theta, scaled
+
+
+def _segment(
+    z: Tensor | None,
+    z_prev: Tensor | None,
+    u: Tensor,
+    weight: Tensor,
+    a: Tensor | float,
+    lmbda: Tensor | float,
+    s: Tensor | float | None,
+    *,
+    operator: StridedConv,
+    betas: list[float],
+    first: int,
+    last: int,
+    nonnegative: bool,
+    lmbda_relative: bool,
+    fused: bool,
+    callback: Callback | None,
+) -> tuple[Tensor, Tensor]:
+    """Iterations ``first .. last − 1`` from ``(x_t, x_{t−1}) = (z, z_prev)``, computing ``c``
+    from ``u`` (``z = None``: start with ``x₁ = prox(c)``). A function of tensors only, so a
+    checkpoint can replay it from fresh leaves."""
+    op = replace(operator, weight=weight)
+    c, theta, scaled = _data_term(u, op, a, lmbda, nonnegative, lmbda_relative)
+    if z is None:
+        z = torch.relu(c) if nonnegative else shrink(c, theta)
+        z_prev = z
+        if callback is not None:
+            callback(1, z)
+    return _run_iterations(
+        z, z_prev, c, weight, scaled.weight, s, None if nonnegative else theta, operator=op,
+        betas=betas, first=first, last=last, nonnegative=nonnegative, fused=fused,
+        callback=callback,
+    )  # fmt: skip
+
+
+class _Replay(torch.autograd.Function):
+    """``fn(*args)`` run without a graph; its tensor arguments are saved (through
+    ``ctx.save_for_backward``, so ``saved_tensors_hooks`` see them) and ``fn`` is replayed with
+    a graph in backward to get the gradients. The same operations on the same values: the
+    gradients equal those of running ``fn`` under autograd directly."""
+
+    @staticmethod
+    def forward(ctx, fn, *args):  # type: ignore[override]
+        ctx.fn = fn
+        ctx.positions = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
+        ctx.constants = [None if isinstance(a, Tensor) else a for a in args]
+        ctx.save_for_backward(*(args[i] for i in ctx.positions))
+        return fn(*args)
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        args = list(ctx.constants)
+        wanted = []
+        for i, saved in zip(ctx.positions, ctx.saved_tensors):
+            leaf = saved.detach()
+            if ctx.needs_input_grad[i + 1]:
+                leaf.requires_grad_(True)
+                wanted.append(i)
+            args[i] = leaf
+        with torch.enable_grad():
+            outs = ctx.fn(*args)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        result: list[Tensor | None] = [None] * len(args)
+        if pairs and wanted:
+            got = torch.autograd.grad(
+                [o for o, _ in pairs],
+                [args[i] for i in wanted],
+                [g for _, g in pairs],
+                allow_unused=True,
+            )
+            for i, g in zip(wanted, got):
+                result[i] = g
+        return (None, *result)
+
+
+def _batched_cg(apply: Callable[[Tensor], Tensor], b: Tensor, max_iter: int, tol: float) -> Tensor:
+    """Solve ``apply(x) = b`` per sample (dim 0) by conjugate gradients from ``x = 0``
+    (``apply`` symmetric positive semi-definite, acting on each sample separately); stops when
+    every sample's residual is below ``tol·‖b‖`` or after ``max_iter`` steps."""
+    dims = tuple(range(1, b.dim()))
+    shape = (-1, *([1] * (b.dim() - 1)))
+    tiny = torch.finfo(b.dtype).tiny
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = r.square().sum(dims)
+    stop = (tol * tol) * rs
+    for _ in range(max_iter):
+        if bool((rs <= stop).all()):
+            break
+        ap = apply(p)
+        alpha = torch.where(rs > stop, rs / (p * ap).sum(dims).clamp_min(tiny), 0.0)
+        x.add_(alpha.reshape(shape) * p)
+        r.sub_(alpha.reshape(shape) * ap)
+        rs_new = r.square().sum(dims)
+        p = r + (rs_new / rs.clamp_min(tiny)).reshape(shape) * p
+        rs = rs_new
+    return x
+
+
+def _implicit_hook(
+    z: Tensor,
+    operator: StridedConv,
+    a: Tensor | float,
+    mu: float,
+    max_iter: int,
+    tol: float,
+) -> Callable[[Tensor], Tensor]:
+    """The hook turning the gradient ``g`` at ``x_T`` into ``w = 1_S (a H_SS)⁻¹ g_S``,
+    ``H = AᵀA + μI``, ``S`` the support of ``x_T`` (see the module docstring)."""
+    support = (z != 0).to(z.dtype)
+    op = operator.detached()
+    scaled = op.scaled(a.detach() if isinstance(a, Tensor) else a)
+    a_mu = (a.detach() if isinstance(a, Tensor) else a) * mu
+
+    def system(v: Tensor) -> Tensor:  # a·P_S (AᵀA + μ) P_S v
+        out = scaled.adjoint(op.apply(v))
+        if mu:
+            out = out.add_(v, alpha=float(a_mu)) if not isinstance(a_mu, Tensor) else out + a_mu * v
+        return out.mul_(support)
+
+    def hook(grad: Tensor) -> Tensor:
+        with torch.no_grad(), torch.autocast(device_type=grad.device.type, enabled=False):
+            return _batched_cg(system, grad * support, max_iter, tol)
+
+    return hook
+
+
 def unrolled_lasso(
     u: Tensor,
     operator: StridedConv,
@@ -249,6 +505,10 @@ def unrolled_lasso(
     nonnegative: bool = False,
     callback: Callback | None = None,
     lmbda_relative: bool = False,
+    backward: str = "unrolled",
+    fused: bool = False,
+    implicit_max_iter: int = 200,
+    implicit_tol: float = 1e-6,
 ) -> Tensor:
     """``n_iter`` unrolled ISTA/FISTA steps from ``x₀ = 0`` for the elastic-net Lasso.
 
@@ -274,6 +534,12 @@ def unrolled_lasso(
         callback: called as ``callback(t, x_t)`` after each step ``t = 1..T`` (for objective
             traces); ``None`` in normal use.
         lmbda_relative: ``λ = lmbda · λ_max(u)`` per sample (see above).
+        backward: ``"unrolled"``, ``"checkpoint"`` or ``"implicit"`` (module docstring); the
+            forward value is the same ``x_T`` for all three. ``"implicit"`` with a ``step``
+            that requires grad is refused (its gradient would be silently zero).
+        fused: evaluate each step's elementwise work (prox, step) as one compiled kernel
+            (:func:`fused_step`; needs a working ``torch.compile``).
+        implicit_max_iter, implicit_tol: conjugate-gradient budget of the implicit backward.
 
     Returns:
         The code ``x_T`` of shape ``(N, C_x, H_x, W_x)`` (the domain of ``A``).
@@ -282,40 +548,70 @@ def unrolled_lasso(
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if n_iter < 1:
         raise ValueError(f"n_iter must be >= 1, got {n_iter}")
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    if backward == "implicit" and isinstance(step, Tensor) and step.requires_grad:
+        raise ValueError(
+            "backward='implicit' differentiates the converged solution, which does not depend "
+            "on the step size: a learned step (learn_step=True) would get no gradient"
+        )
+    tracked = torch.is_grad_enabled() and any(
+        isinstance(v, Tensor) and v.requires_grad for v in (u, operator.weight, step, lmbda)
+    )
+    if not tracked or callback is not None:
+        backward = "unrolled"  # nothing to differentiate: every mode computes the same x_T
     if mu:
         denom = 1.0 + step * mu
         a, s = step / denom, 1.0 / denom
     else:
         a, s = step, None
-    scaled = operator.scaled(a)
-    if lmbda_relative:
-        c = scaled.adjoint(u)  # a Aᵀu, whose per-sample max is a·λ_max (a > 0)
-        theta = lmbda * _max_correlation(c, nonnegative)  # a λ_n, shape (N, 1, 1, 1)
-        if nonnegative:
-            c = c - theta  # a (Aᵀu − λ_n)
-            z = torch.relu(c)
-        else:
-            z = shrink(c, theta)
-    elif nonnegative:
-        theta = a * lmbda
-        bias = _threshold_bias(theta, operator.unknown_channels, scaled.weight)
-        c = scaled.adjoint(u, bias)  # a (Aᵀu − λ)
-        z = torch.relu(c)
-    else:
-        theta = a * lmbda
-        c = scaled.adjoint(u)  # a Aᵀu
-        z = shrink(c, theta)
-    if callback is not None:
-        callback(1, z)
     betas = fista_momentum(n_iter) if algorithm == "fista" else [0.0] * (n_iter - 1)
-    z_prev = z
-    for t in range(1, n_iter):
-        beta = betas[t - 1]
-        y = z if beta == 0.0 else torch.lerp(z, z_prev, -beta)  # z + β(z − z_prev)
-        h = scaled.adjoint(operator.apply(y))
-        z_prev, z = z, proximal_gradient_step(y, c, h, s, theta, nonnegative)
-        if callback is not None:
-            callback(t + 1, z)
+    common = dict(
+        operator=operator, betas=betas, nonnegative=nonnegative, lmbda_relative=lmbda_relative,
+        fused=fused, callback=callback,
+    )  # fmt: skip
+    if backward == "unrolled" or n_iter == 1 and backward == "checkpoint":
+        z, _ = _segment(None, None, u, operator.weight, a, lmbda, s, first=1, last=n_iter, **common)
+        return z
+    if backward == "checkpoint":
+        # segments of ⌈√(T−1)⌉ iterations; each saves only its input (x_t, x_{t−1}) and u, and
+        # is replayed (Aᵀu included) in backward
+        length = math.ceil(math.sqrt(n_iter - 1))
+        z = z_prev = None
+        for first in range(1, n_iter, length):
+            last = min(first + length, n_iter)
+            fn = partial(_segment, first=first, last=last, **common)
+            # ISTA never reads x_{t−1}: pass x_t twice so nothing more is saved
+            prev = z_prev if any(betas[first - 1 : last - 1]) else z
+            z, z_prev = _Replay.apply(fn, z, prev, u, operator.weight, a, lmbda, s)
+        return z
+
+    # implicit: T − 1 iterations without a graph, the last one recorded, its gradient replaced
+    c, theta, scaled = _data_term(u, operator, a, lmbda, nonnegative, lmbda_relative)
+    theta_step = None if nonnegative else theta
+    if n_iter == 1:
+        z = torch.relu(c) if nonnegative else shrink(c, theta)
+    else:
+        with torch.no_grad():
+            c0 = c.detach()
+            th0 = theta_step.detach() if isinstance(theta_step, Tensor) else theta_step
+            z0 = torch.relu(c0) if nonnegative else shrink(c0, th0)
+            z, z_prev = _run_iterations(
+                z0, z0, c0, operator.weight.detach(), scaled.weight.detach(),
+                s.detach() if isinstance(s, Tensor) else s, th0, operator=operator, betas=betas,
+                first=1, last=n_iter - 1, nonnegative=nonnegative, fused=fused, callback=None,
+            )  # fmt: skip
+            beta = betas[n_iter - 2]
+            y = z if beta == 0.0 else torch.lerp(z, z_prev, -beta)
+        # x_T = prox(s·y + c − a AᵀA y) with y held constant
+        z, _ = _run_iterations(
+            y, y, c, operator.weight, scaled.weight, s, theta_step, operator=operator,
+            betas=[0.0], first=1, last=2, nonnegative=nonnegative, fused=fused, callback=None,
+        )  # fmt: skip
+    if z.requires_grad:
+        z.register_hook(
+            _implicit_hook(z.detach(), operator, a, mu, implicit_max_iter, implicit_tol)
+        )
     return z
 
 
@@ -356,6 +652,9 @@ def check_solver_options(
     init_power_iters: int,
     owner: str,
     lmbda_relative: bool = False,
+    backward: str = "unrolled",
+    learn_step: bool = False,
+    compile: bool = False,
 ) -> None:
     """Raise a ``ValueError`` naming the setting for an invalid solver option."""
     if not lmbda >= 0:
@@ -381,6 +680,17 @@ def check_solver_options(
         raise ValueError(
             f"{owner}: init_power_iters must be an integer >= 1, got {init_power_iters!r}"
         )
+    if backward not in BACKWARDS:
+        raise ValueError(f"{owner}: backward must be one of {BACKWARDS}, got {backward!r}")
+    if backward == "implicit" and learn_step:
+        raise ValueError(
+            f"{owner}: backward='implicit' differentiates the converged Lasso solution, which "
+            f"does not depend on the step size, so a learned step (learn_step=True) would get no "
+            f"gradient; use backward='unrolled' or 'checkpoint' with learn_step, or "
+            f"learn_step=False"
+        )
+    if not isinstance(compile, bool):
+        raise ValueError(f"{owner}: compile must be true or false, got {compile!r}")
 
 
 class UnrolledLasso(nn.Module):
@@ -420,6 +730,11 @@ class UnrolledLasso(nn.Module):
         power_iters: power-iteration steps per training forward (``≥ 0``).
         init_power_iters: steps when the sizes change / before evaluation (``≥ 1``).
         lmbda_relative: ``lmbda`` is a fraction (``< 1``) of each sample's ``λ_max``.
+        backward: ``"unrolled"`` (default), ``"checkpoint"`` or ``"implicit"`` (see the module
+            docstring; ``"implicit"`` refuses ``learn_step``).
+        compile: fuse each iteration's elementwise work with ``torch.compile``
+            (:func:`fused_step`); where compile cannot run (no C++ compiler), a warning is given
+            once and the eager path is used.
     """
 
     _LIP_BUFFERS = ("power_vector", "lipschitz_estimate", "lipschitz_shape")
@@ -439,13 +754,17 @@ class UnrolledLasso(nn.Module):
         power_iters: int = 1,
         init_power_iters: int = 50,
         lmbda_relative: bool = False,
+        backward: str = "unrolled",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         check_solver_options(
             lmbda, mu, n_iter, algorithm, learn_lmbda, power_iters, init_power_iters,
-            "UnrolledLasso", lmbda_relative,
+            "UnrolledLasso", lmbda_relative, backward, learn_step, compile,
         )  # fmt: skip
         self.channels = int(channels)
+        self.backward = backward
+        self.compile = compile
         self.lmbda_relative = bool(lmbda_relative)
         self.mu = float(mu)
         self.n_iter = int(n_iter)
@@ -569,10 +888,25 @@ class UnrolledLasso(nn.Module):
         self.update_lipschitz(operator, unknown_size, data_size, weight_version, self.training)
         z = unrolled_lasso(
             u, operator, self.step_size(), self.lmbda, self.mu, self.n_iter, self.algorithm,
-            self.nonnegative, lmbda_relative=self.lmbda_relative,
+            self.nonnegative, lmbda_relative=self.lmbda_relative, backward=self.backward,
+            fused=self._fused(),
         )  # fmt: skip
         self._last_code = z.detach()
         return z
+
+    def _fused(self) -> bool:
+        if not self.compile:
+            return False
+        if compile_available():
+            return True
+        if not getattr(self, "_warned_compile", False):
+            warnings.warn(
+                "UnrolledLasso: compile=True but torch.compile cannot build kernels here (it "
+                "needs a working C++ compiler on CPU); running the eager solver",
+                stacklevel=3,
+            )
+            self._warned_compile = True
+        return False
 
     def effective_lmbda(self, u: Tensor, operator: StridedConv) -> Tensor | float:
         """The ``λ`` each sample of ``u`` is solved with: ``(N,)`` when relative, else
@@ -647,4 +981,6 @@ class UnrolledLasso(nn.Module):
             f"algorithm={self.algorithm!r}, "
             f"nonnegative={self.nonnegative}, learn_step={self.raw_step_scale is not None}, "
             f"power_iters={self.power_iters}, init_power_iters={self.init_power_iters}"
+            + (f", backward={self.backward!r}" if self.backward != "unrolled" else "")
+            + (", compile=True" if self.compile else "")
         )
