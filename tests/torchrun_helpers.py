@@ -27,3 +27,29 @@ def train_rank(rank, world, port, cfg, outs):
     )
     torch.set_num_threads(1)
     run(cfg, outs[rank])
+
+
+def sgd_overrides(lr: float) -> list[str]:
+    """Plain SGD for both players: an update is lr × the gradient, so a gradient off by a factor
+    (a missing or doubled average over ranks) shows in the weights (Adam would normalise it)."""
+    return [
+        item
+        for part in ("encoder", "decoder")
+        for item in (
+            f"optim.{part}._target_=torch.optim.SGD",
+            f"~optim.{part}.betas",
+            f"optim.{part}.lr={lr}",
+        )
+    ]
+
+
+def spawn_ranks(cfg, outs, world: int = 2) -> None:
+    """``train_rank`` on ``world`` spawned processes of one local gloo group; raises if one
+    fails."""
+    torch.multiprocessing.start_processes(
+        train_rank,
+        args=(world, free_port(), cfg, outs),
+        nprocs=world,
+        join=True,
+        start_method="spawn",
+    )

@@ -53,6 +53,7 @@ from ctrl_csc.engine.distributed import (
 )
 from ctrl_csc.engine.loggers import JSONLinesLogger, format_metrics
 from ctrl_csc.engine.steps import TrainStep
+from ctrl_csc.engine.syncnorm import sync_batch_norms
 
 __all__ = [
     "Game",
@@ -120,6 +121,10 @@ class Game:
         self.raw_encoder, self.raw_decoder = encoder, decoder
         self.ctx, self.grad_clip = ctx, grad_clip
         if ctx.distributed:
+            # batch norm with the global batch's statistics (SyncBatchNorm on NCCL; in place)
+            encoder = sync_batch_norms(encoder, ctx.device)
+            decoder = sync_batch_norms(decoder, ctx.device)
+            self.raw_encoder, self.raw_decoder = encoder, decoder
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             encoder = DistributedDataParallel(encoder, device_ids=ids)
             decoder = DistributedDataParallel(decoder, device_ids=ids)
