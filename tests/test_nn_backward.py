@@ -279,19 +279,29 @@ def test_backward_option_reaches_the_solver_from_the_model_config():
     assert all(s.weight.grad is not None for s in [*enc.stages, *dec.stages])
 
 
-@pytest.mark.skipif(not compile_available(), reason="torch.compile cannot build kernels here")
-@pytest.mark.parametrize("nonnegative", [True, False])
-def test_compiled_step_agrees_with_eager(nonnegative):
+@pytest.mark.slow  # compiling takes 10-30 s on CPU
+@pytest.mark.parametrize(
+    "mode, options",
+    [
+        ("unrolled", dict(nonnegative=True)),
+        ("unrolled", dict(nonnegative=False, mu=0.1, lmbda_relative=True, lmbda=0.3)),
+        ("checkpoint", dict(nonnegative=True, learn_step=True)),
+    ],
+)
+def test_compiled_solver_agrees_with_eager(mode, options):
+    """compile=True traces the iterations into one graph (per checkpoint segment): the same
+    code and gradients as the eager solver, to float32 rounding."""
+    if not compile_available():
+        pytest.skip("torch.compile cannot build kernels here (no working C++ compiler)")
     torch.manual_seed(1)
-    layer = CSCLayer(
-        3, 5, 3, n_iter=4, mu=0.1, nonnegative=nonnegative, learn_lmbda=True, power_iters=0
-    )
+    layer = CSCLayer(3, 5, 3, n_iter=5, learn_lmbda=True, power_iters=0, **options)
     x = torch.randn(2, 3, 9, 8, requires_grad=True)
     layer(x)
-    z0, gx0, gp0 = _grads(layer, x, "unrolled")
+    z0, gx0, gp0 = _grads(layer, x, mode)
     layer.solver.compile = True
-    z1, gx1, gp1 = _grads(layer, x, "unrolled")
+    z1, gx1, gp1 = _grads(layer, x, mode)
     torch.testing.assert_close(z1, z0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gx1, gx0, rtol=1e-4, atol=1e-5)
     for name in gp0:
+        assert gp0[name].abs().max() > 0, name
         torch.testing.assert_close(gp1[name], gp0[name], rtol=1e-4, atol=1e-5, msg=name)

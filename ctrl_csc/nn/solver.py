@@ -220,23 +220,7 @@ def proximal_gradient_step(
     return shrink(v, theta)
 
 
-def _step_kernel(
-    y: Tensor,
-    c: Tensor,
-    h: Tensor,
-    s: Tensor | float | None,
-    theta: Tensor | float | None,
-    nonnegative: bool,
-) -> Tensor:
-    """:func:`proximal_gradient_step` written out of plain (out-of-place) operations, for
-    ``torch.compile`` to fuse into one elementwise kernel (forward and backward)."""
-    v = (c + y if s is None else c + s * y) - h
-    if nonnegative:
-        return torch.relu(v)
-    return torch.sign(v) * torch.relu(v.abs() - theta)
-
-
-_COMPILED: dict[str, Callable[..., Tensor]] = {}
+_COMPILED: dict[object, Callable[..., object] | None] = {}
 
 
 def compile_available() -> bool:
@@ -250,22 +234,6 @@ def compile_available() -> bool:
         except Exception:  # noqa: BLE001 - any failure means: stay eager
             _COMPILED["ok"] = None  # type: ignore[assignment]
     return _COMPILED["ok"] is not None
-
-
-def fused_step(
-    y: Tensor,
-    c: Tensor,
-    h: Tensor,
-    s: Tensor | float | None,
-    theta: Tensor | float | None,
-    nonnegative: bool,
-) -> Tensor:
-    """:func:`proximal_gradient_step` as one ``torch.compile``-d elementwise kernel (the same
-    value and gradients, up to rounding; compiled once per process and set of guards)."""
-    fn = _COMPILED.get("step")
-    if fn is None:
-        fn = _COMPILED["step"] = torch.compile(_step_kernel, fullgraph=True, dynamic=None)
-    return fn(y, c, h, s, theta, nonnegative)
 
 
 def _threshold_bias(theta: Tensor | float, channels: int, like: Tensor) -> Tensor:
@@ -317,7 +285,6 @@ def _run_iterations(
     first: int,
     last: int,
     nonnegative: bool,
-    fused: bool,
     callback: Callback | None,
 ) -> tuple[Tensor, Tensor]:
     """Iterations ``t = first .. last − 1`` (``x_t → x_{t+1}``) from
@@ -329,12 +296,11 @@ def _run_iterations(
     """
     op = replace(operator, weight=weight)
     scaled = replace(operator, weight=weight_scaled)
-    step = fused_step if fused else proximal_gradient_step
     for t in range(first, last):
         beta = betas[t - 1]
         y = z if beta == 0.0 else torch.lerp(z, z_prev, -beta)  # z + β(z − z_prev)
         h = scaled.adjoint(op.apply(y))
-        z_prev, z = z, step(y, c, h, s, theta, nonnegative)
+        z_prev, z = z, proximal_gradient_step(y, c, h, s, theta, nonnegative)
         if callback is not None:
             callback(t + 1, z)
     return z, z_prev
@@ -366,6 +332,9 @@ def _data_term(
     return c, theta, scaled
 
 
+Geometry = tuple[int, int, tuple[int, int], bool]  # stride, padding, output_padding, transposed
+
+
 def _segment(
     z: Tensor | None,
     z_prev: Tensor | None,
@@ -375,19 +344,18 @@ def _segment(
     lmbda: Tensor | float,
     s: Tensor | float | None,
     *,
-    operator: StridedConv,
-    betas: list[float],
+    geometry: Geometry,
+    betas: tuple[float, ...],
     first: int,
     last: int,
     nonnegative: bool,
     lmbda_relative: bool,
-    fused: bool,
-    callback: Callback | None,
+    callback: Callback | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Iterations ``first .. last − 1`` from ``(x_t, x_{t−1}) = (z, z_prev)``, computing ``c``
-    from ``u`` (``z = None``: start with ``x₁ = prox(c)``). A function of tensors only, so a
-    checkpoint can replay it from fresh leaves."""
-    op = replace(operator, weight=weight)
+    from ``u`` (``z = None``: start with ``x₁ = prox(c)``). A function of tensors and constants
+    only, so a checkpoint can replay it from fresh leaves and ``torch.compile`` can trace it."""
+    op = StridedConv(weight, *geometry)
     c, theta, scaled = _data_term(u, op, a, lmbda, nonnegative, lmbda_relative)
     if z is None:
         z = torch.relu(c) if nonnegative else shrink(c, theta)
@@ -396,9 +364,35 @@ def _segment(
             callback(1, z)
     return _run_iterations(
         z, z_prev, c, weight, scaled.weight, s, None if nonnegative else theta, operator=op,
-        betas=betas, first=first, last=last, nonnegative=nonnegative, fused=fused,
-        callback=callback,
+        betas=list(betas), first=first, last=last, nonnegative=nonnegative, callback=callback,
     )  # fmt: skip
+
+
+def _segment_function(
+    operator: StridedConv,
+    betas: list[float],
+    first: int,
+    last: int,
+    nonnegative: bool,
+    lmbda_relative: bool,
+    fused: bool,
+    callback: Callback | None,
+) -> Callable[..., tuple[Tensor, Tensor]]:
+    """:func:`_segment` with its constants bound; with ``fused``, ``torch.compile``-d (once per
+    process and set of constants), which fuses the elementwise work between the convolutions
+    (prox, step, momentum) and lets inductor pick the convolutions' memory layout."""
+    constants = dict(
+        geometry=(operator.stride, operator.padding, operator.output_padding, operator.transposed),
+        betas=tuple(betas), first=first, last=last, nonnegative=nonnegative,
+        lmbda_relative=lmbda_relative,
+    )  # fmt: skip
+    if not fused or callback is not None:
+        return partial(_segment, callback=callback, **constants)
+    key = tuple(sorted(constants.items()))
+    fn = _COMPILED.get(key)
+    if fn is None:
+        fn = _COMPILED[key] = torch.compile(partial(_segment, **constants), fullgraph=True)
+    return fn  # type: ignore[return-value]
 
 
 class _Replay(torch.autograd.Function):
@@ -537,8 +531,10 @@ def unrolled_lasso(
         backward: ``"unrolled"``, ``"checkpoint"`` or ``"implicit"`` (module docstring); the
             forward value is the same ``x_T`` for all three. ``"implicit"`` with a ``step``
             that requires grad is refused (its gradient would be silently zero).
-        fused: evaluate each step's elementwise work (prox, step) as one compiled kernel
-            (:func:`fused_step`; needs a working ``torch.compile``).
+        fused: run the iterations as one ``torch.compile``-d graph (a checkpoint segment
+            each; needs a working ``torch.compile``), which fuses the elementwise work between
+            the convolutions; the same values and gradients up to rounding. ``"implicit"``
+            runs eagerly (its recorded part is one step).
         implicit_max_iter, implicit_tol: conjugate-gradient budget of the implicit backward.
 
     Returns:
@@ -571,7 +567,8 @@ def unrolled_lasso(
         fused=fused, callback=callback,
     )  # fmt: skip
     if backward == "unrolled" or n_iter == 1 and backward == "checkpoint":
-        z, _ = _segment(None, None, u, operator.weight, a, lmbda, s, first=1, last=n_iter, **common)
+        fn = _segment_function(first=1, last=n_iter, **common)
+        z, _ = fn(None, None, u, operator.weight, a, lmbda, s)
         return z
     if backward == "checkpoint":
         # segments of ⌈√(T−1)⌉ iterations; each saves only its input (x_t, x_{t−1}) and u, and
@@ -580,7 +577,7 @@ def unrolled_lasso(
         z = z_prev = None
         for first in range(1, n_iter, length):
             last = min(first + length, n_iter)
-            fn = partial(_segment, first=first, last=last, **common)
+            fn = _segment_function(first=first, last=last, **common)
             # ISTA never reads x_{t−1}: pass x_t twice so nothing more is saved
             prev = z_prev if any(betas[first - 1 : last - 1]) else z
             z, z_prev = _Replay.apply(fn, z, prev, u, operator.weight, a, lmbda, s)
@@ -599,14 +596,14 @@ def unrolled_lasso(
             z, z_prev = _run_iterations(
                 z0, z0, c0, operator.weight.detach(), scaled.weight.detach(),
                 s.detach() if isinstance(s, Tensor) else s, th0, operator=operator, betas=betas,
-                first=1, last=n_iter - 1, nonnegative=nonnegative, fused=fused, callback=None,
+                first=1, last=n_iter - 1, nonnegative=nonnegative, callback=None,
             )  # fmt: skip
             beta = betas[n_iter - 2]
             y = z if beta == 0.0 else torch.lerp(z, z_prev, -beta)
         # x_T = prox(s·y + c − a AᵀA y) with y held constant
         z, _ = _run_iterations(
             y, y, c, operator.weight, scaled.weight, s, theta_step, operator=operator,
-            betas=[0.0], first=1, last=2, nonnegative=nonnegative, fused=fused, callback=None,
+            betas=[0.0], first=1, last=2, nonnegative=nonnegative, callback=None,
         )  # fmt: skip
     if z.requires_grad:
         z.register_hook(
@@ -733,11 +730,15 @@ class UnrolledLasso(nn.Module):
         backward: ``"unrolled"`` (default), ``"checkpoint"`` or ``"implicit"`` (see the module
             docstring; ``"implicit"`` refuses ``learn_step``).
         compile: fuse each iteration's elementwise work with ``torch.compile``
-            (:func:`fused_step`); where compile cannot run (no C++ compiler), a warning is given
-            once and the eager path is used.
+            (:func:`unrolled_lasso`'s ``fused``); where compile cannot run (no C++ compiler), a
+            warning is given once and the eager path is used.
     """
 
     _LIP_BUFFERS = ("power_vector", "lipschitz_estimate", "lipschitz_shape")
+    #: conjugate-gradient budget of ``backward="implicit"`` (each step costs two convolutions;
+    #: a 64→64 stage at 32² needs about 40 steps for 1e-6); instance attributes may override it
+    implicit_max_iter = 200
+    implicit_tol = 1e-6
     #: relative safety margin ``δ`` of the step ``η = m/((1 + δ)L)`` over the power-iteration ``L``
     STEP_MARGIN = 0.02
 
@@ -889,7 +890,8 @@ class UnrolledLasso(nn.Module):
         z = unrolled_lasso(
             u, operator, self.step_size(), self.lmbda, self.mu, self.n_iter, self.algorithm,
             self.nonnegative, lmbda_relative=self.lmbda_relative, backward=self.backward,
-            fused=self._fused(),
+            fused=self._fused(), implicit_max_iter=self.implicit_max_iter,
+            implicit_tol=self.implicit_tol,
         )  # fmt: skip
         self._last_code = z.detach()
         return z
