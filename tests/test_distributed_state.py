@@ -195,9 +195,10 @@ def _game_problem():
 
 def _play(ctx, x, y, joint_batch):
     """``GAME_STEPS`` rounds of CTRLStep through Game (DDP and the global batch norm when
-    distributed) in float64, SGD; the objective terms of each round and the final states."""
+    distributed) in float64 on ``ctx.device``, SGD; the objective terms of each round, the final
+    states (on the CPU) and the classes of the batch norms the game ran with."""
     torch.manual_seed(0)
-    f, g = (m.double() for m in build_models(_compose(BN_MODEL).model))
+    f, g = (m.double() for m in build_models(_compose(BN_MODEL).model, ctx.device))
     opts = {
         "encoder": torch.optim.SGD(f.parameters(), lr=LR),
         "decoder": torch.optim.SGD(g.parameters(), lr=LR),
@@ -205,21 +206,32 @@ def _play(ctx, x, y, joint_batch):
     game = Game(f, g, opts, ctx)
     objective = CTRLObjective("multiclass", num_classes=10, gather=ctx.distributed)
     step = CTRLStep(objective, joint_batch=joint_batch)
+    x, y = x.to(ctx.device), y.to(ctx.device)
     terms = []
     for _ in range(GAME_STEPS):
         game.begin_step()
         terms.append({k: float(v) for k, v in step(game, x, y).items()})
     states = {
-        "encoder": dict(game.raw_encoder.state_dict()),
-        "decoder": dict(game.raw_decoder.state_dict()),
+        part: {k: v.cpu() for k, v in m.state_dict().items()}
+        for part, m in (("encoder", game.raw_encoder), ("decoder", game.raw_decoder))
     }
-    return terms, states
+    norms = {
+        type(m).__name__
+        for part in (game.raw_encoder, game.raw_decoder)
+        for m in part.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    }
+    return terms, states, norms
 
 
-def _game_worker(rank, port, out_dir):
+def _game_worker(rank, port, out_dir, backend="gloo"):
     torch.set_num_threads(1)
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=2,
@@ -229,7 +241,8 @@ def _game_worker(rank, port, out_dir):
         x, y = _game_problem()
         # rank r holds rows r, r + 2, ... as ResumableSampler hands them out
         for joint_batch in (False, True):
-            out = _play(DistContext(rank, 2, rank), x[rank::2], y[rank::2], joint_batch)
+            ctx = DistContext(rank, 2, rank, device)
+            out = _play(ctx, x[rank::2], y[rank::2], joint_batch)
             torch.save(out, out_dir / f"game_rank{rank}_{joint_batch}.pt")
     finally:
         dist.destroy_process_group()
@@ -249,16 +262,20 @@ def test_ctrl_game_with_batch_norm_on_two_ranks_is_the_one_process_game(tmp_path
         )
     )
     for joint_batch in (False, True):
-        _check_game(tmp_path, joint_batch)
+        _check_game(tmp_path, joint_batch, torch.device("cpu"), "GlobalBatchNorm")
 
 
-def _check_game(tmp_path, joint_batch):
+def _check_game(tmp_path, joint_batch, device, norm_class):
+    """The ranks' results in ``tmp_path`` against one process on ``device``; the ranks ran with
+    batch norms of class ``norm_class`` (the one process with plain BatchNorm2d)."""
     x, y = _game_problem()
-    terms_one, one = _play(DistContext(), x, y, joint_batch)
+    terms_one, one, norms_one = _play(DistContext(device=device), x, y, joint_batch)
+    assert norms_one == {"BatchNorm2d"}
     torch.manual_seed(0)
     init = dict(zip(("encoder", "decoder"), build_models(_compose(BN_MODEL).model)))
     for rank in range(2):
-        terms_two, two = torch.load(tmp_path / f"game_rank{rank}_{joint_batch}.pt")
+        terms_two, two, norms_two = torch.load(tmp_path / f"game_rank{rank}_{joint_batch}.pt")
+        assert norms_two == {norm_class}
         if rank == 0:
             assert len(terms_two) == GAME_STEPS
             for a, b in zip(terms_two, terms_one):

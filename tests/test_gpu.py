@@ -207,3 +207,29 @@ def test_bench_gpu_smoke_runs_and_reports(tmp_path):
     assert loader["image_size"] == 128 and loader["images_per_s"] > 0
     rows = [r for r in records if r["kind"] == "summary"]
     assert rows and all(r["throughput_ratio"] > 0 for r in rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.distributed
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2
+    or not (torch.distributed.is_available() and torch.distributed.is_nccl_available()),
+    reason="needs 2 CUDA devices and NCCL",
+)
+def test_ctrl_game_with_sync_batch_norm_on_two_gpus_is_the_one_gpu_game(tmp_path):
+    """The 2-rank = 1-process check of test_distributed_state on 2 GPUs with NCCL, where the
+    batch norms become torch's SyncBatchNorm."""
+    from test_distributed_state import _check_game, _game_worker, _join
+    from torchrun_helpers import free_port
+
+    _join(
+        torch.multiprocessing.start_processes(
+            _game_worker,
+            args=(free_port(), tmp_path, "nccl"),
+            nprocs=2,
+            join=False,
+            start_method="spawn",
+        )
+    )
+    for joint_batch in (False, True):
+        _check_game(tmp_path, joint_batch, torch.device("cuda", 0), "SyncBatchNorm")
