@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import random
+import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Subset
@@ -30,7 +34,11 @@ __all__ = [
     "seed_all",
     "to_container",
     "check_writable",
+    "check_run_dir_arguments",
+    "check_trainer_settings",
+    "check_model_settings",
     "seeded_subset",
+    "submitit_requeues_on_every_signal",
     "EXIT_USER_ERROR",
     "EXIT_NON_FINITE",
     "one_clear_answer",
@@ -61,8 +69,37 @@ def one_clear_answer() -> Iterator[None]:
         log.error("%s", e)
         raise SystemExit(EXIT_NON_FINITE) from None
     except USER_ERRORS as e:
-        log.error("%s", e)
+        log.error("%s", plain_message(e))
         raise SystemExit(EXIT_USER_ERROR) from None
+    except InstantiationException as e:
+        cause = _user_cause(e)
+        if cause is None:  # a bug, not a setting: the traceback helps
+            raise
+        log.error("%s", plain_message(cause))
+        raise SystemExit(EXIT_USER_ERROR) from None
+
+
+def _user_cause(error: BaseException) -> BaseException | None:
+    """The user error that ``hydra.utils.instantiate`` wrapped in its "Error in call to target"
+    (which shows the exception's ``repr``, so a multi-line hint arrives full of literal ``\\n``)."""
+    seen = 0
+    while isinstance(error, InstantiationException) and seen < 8:
+        error, seen = error.__cause__, seen + 1
+    return error if isinstance(error, USER_ERRORS) else None
+
+
+_WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
+def plain_message(error: BaseException) -> str:
+    """The error's own message. A data-loader worker re-raises its error with the worker's
+    traceback inside the message; the last line of that is the message itself."""
+    text = str(error)
+    if _WORKER_TRACEBACK in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        prefix = f"{type(error).__name__}: "
+        text = last[len(prefix) :] if last.startswith(prefix) else last
+    return text
 
 
 def config_dir() -> str:
@@ -107,11 +144,48 @@ def build_models(
     for part in ("encoder", "decoder"):
         if part not in cfg:
             raise ValueError(f"the model config has no `{part}` entry (model={cfg.get('name')})")
+    check_model_settings(cfg)
     built = []
     for part, allowed in (("encoder", ENCODERS), ("decoder", DECODERS)):
         cls, kwargs = checked_entry(cfg[part], allowed, f"model.{part}", where)
-        built.append(cls(**kwargs).to(device))
+        try:
+            module = cls(**kwargs)
+        except TypeError as e:  # a setting of the wrong type deep inside the class
+            raise ValueError(
+                f"model.{part} ({cls.__name__}) of {where} cannot be built: {e}; check the "
+                f"types of the model.{part} settings"
+            ) from None
+        built.append(module.to(device))
     return built[0], built[1]
+
+
+#: Model settings that are sizes (positive integers) and those that are numbers, by key name.
+_MODEL_SIZES = frozenset(
+    {"in_channels", "out_channels", "channels", "kernel_size", "stride", "n_iter", "image_size",
+     "feature_dim", "hidden_channels", "base_channels"}
+)  # fmt: skip
+_MODEL_NUMBERS = frozenset({"lmbda", "mu", "init_std", "lmbda_relative"})
+
+
+def check_model_settings(cfg: Any, where: str = "model") -> None:
+    """A size that is not a positive integer, or a number that is a string, named by its setting
+    (``model.encoder.stages.0.out_channels``) before any class sees it."""
+    items = (
+        cfg.items() if isinstance(cfg, dict) else enumerate(cfg) if isinstance(cfg, list) else ()
+    )
+    for key, value in items:
+        name = f"{where}.{key}"
+        if isinstance(value, dict | list):
+            check_model_settings(value, name)
+        elif value is None:
+            continue
+        elif key in _MODEL_SIZES and (not _is_int(value) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}; set {name}=N")
+        elif key in _MODEL_NUMBERS and (
+            isinstance(value, bool) or not isinstance(value, numbers.Real)
+        ):
+            if not (key == "lmbda_relative" and isinstance(value, bool)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
 
 
 def _name_of(model_cfg) -> str:
@@ -160,3 +234,104 @@ def check_writable(path: str | os.PathLike) -> Path:
             "choose another with hydra.run.dir=PATH (hydra.sweep.dir for -m)"
         ) from None
     return path
+
+
+def check_run_dir_arguments(argv: list[str], program: str) -> None:
+    """``hydra.run.dir=PATH`` / ``hydra.sweep.dir=PATH`` on the command line that cannot be
+    created: Hydra makes that folder before any of this package's code runs and reports a failure
+    with a traceback, so it is checked first and refused with one line and
+    :data:`EXIT_USER_ERROR`. Paths with interpolations are left to :func:`check_writable`."""
+    for arg in argv[1:]:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if not sep or key not in ("hydra.run.dir", "hydra.sweep.dir") or "${" in value:
+            continue
+        path = Path(value).expanduser().absolute()
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        problem = None
+        if existing is not None and not existing.is_dir():
+            problem = f"{str(existing)!r} is a file, not a folder"
+        elif existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            problem = f"{str(existing)!r} is not writable"
+        if problem:
+            sys.stderr.write(
+                f"{program}: the run directory {value!r} cannot be created ({problem}); "
+                f"choose another with {key}=PATH\n"
+            )
+            raise SystemExit(EXIT_USER_ERROR)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+#: ``trainer.*`` settings that count something: at least 1, or at least 0 (0 = off / none).
+_TRAINER_AT_LEAST = {
+    "max_steps": 1,
+    "batch_size": 1,
+    "eval_batch_size": 1,
+    "log_every": 1,
+    "eval_every": 0,
+    "checkpoint_every": 0,
+    "eval_images": 0,
+    "baseline_images": 0,
+    "num_workers": 0,
+}
+
+
+def check_trainer_settings(tcfg: Any) -> None:
+    """Every count in ``trainer`` an integer in range and ``trainer.device`` a device name,
+    each refused with the setting named (instead of a type error deep inside the data loader)."""
+    for key, low in _TRAINER_AT_LEAST.items():
+        value = tcfg.get(key)
+        if value is None and key in ("eval_images",):
+            continue
+        if not _is_int(value) or value < low:
+            kind = "a positive integer" if low == 1 else "an integer >= 0"
+            raise ValueError(f"trainer.{key} must be {kind}, got {value!r}; set trainer.{key}=N")
+    threads = tcfg.get("threads")
+    if threads is not None and (not _is_int(threads) or threads < 1):
+        raise ValueError(f"trainer.threads must be a positive integer or null, got {threads!r}")
+    device = tcfg.get("device", "auto")
+    if device != "auto":
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(
+                f"trainer.device={device!r} is not a device; use auto, cpu, cuda or cuda:N"
+            ) from None
+
+
+def submitit_requeues_on_every_signal() -> Any:
+    """Under submitit (``hydra/launcher=slurm``), make SIGTERM and SIGUSR1 requeue the job too.
+
+    submitit checkpoints the launcher's call and requeues the job (``scontrol requeue``) on its own
+    signal only (SIGUSR2, sent ``signal_delay_s`` before the time limit or on preemption where
+    Slurm is told to); SIGTERM, what Slurm sends a job it preempts or cancels, it only logs.
+    The trainer calls the handler it found for a signal once ``last.pt`` is written, so pointing
+    SIGTERM / SIGUSR1 at submitit's requeueing handler makes a preempted job come back too, in its
+    own run directory. Returns a function restoring the previous handlers (a no-op outside
+    submitit or outside the main thread).
+    """
+    try:
+        from submitit import JobEnvironment
+        from submitit.core.job_environment import SignalHandler
+    except ImportError:
+        return lambda: None
+    try:
+        handler = getattr(signal.getsignal(JobEnvironment._usr_sig()), "__self__", None)
+    except (ValueError, AttributeError):  # not the main thread / another submitit
+        return lambda: None
+    if not isinstance(handler, SignalHandler):
+        return lambda: None
+    previous = {}
+    for name in ("SIGTERM", "SIGUSR1"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            previous[sig] = signal.signal(sig, handler.checkpoint_and_try_requeue)
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore

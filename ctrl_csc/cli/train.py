@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,11 +23,14 @@ from ctrl_csc.cli.common import (
     build_datasets,
     build_models,
     check_data_fits_model,
+    check_run_dir_arguments,
+    check_trainer_settings,
     check_writable,
     config_dir,
     one_clear_answer,
     seed_all,
     seeded_subset,
+    submitit_requeues_on_every_signal,
     to_container,
 )
 from ctrl_csc.cli.guard import check_stored_config
@@ -127,6 +131,7 @@ def run(
     ``trainer.resume=auto`` uses to find the same job of an earlier sweep.
     """
     tcfg = cfg.trainer
+    check_trainer_settings(tcfg)
     ctx = setup_distributed(tcfg.device)
     if tcfg.get("threads"):
         torch.set_num_threads(tcfg.threads)
@@ -207,18 +212,27 @@ def run(
             stored = load_checkpoint(resume, map_location="cpu").get("config")
             if isinstance(stored, dict) and "model" in stored:
                 check_stored_config(stored, f"{str(resume)!r}")
+        wants_requeue = tcfg.get("handle_signals", True) and tcfg.get("requeue", True)
+        restore = submitit_requeues_on_every_signal() if wants_requeue else (lambda: None)
         try:
             return trainer.fit(resume=resume)
         finally:
+            restore()
             trainer.close()
     finally:
         teardown_distributed()
 
 
+def main() -> None:
+    """Console script ``ctrl-csc-train`` (Hydra's command line; see :func:`hydra_main`)."""
+    check_run_dir_arguments(sys.argv, "ctrl-csc-train")  # Hydra creates it before we run
+    hydra_main()
+
+
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    """Console script ``ctrl-csc-train``; returns ``cfg.monitor`` of the final metrics (sweepers
-    optimise it)."""
+def hydra_main(cfg: DictConfig) -> float:
+    """The Hydra task of ``ctrl-csc-train``; returns ``cfg.monitor`` of the final metrics
+    (sweepers optimise it)."""
     hc = HydraConfig.get()
     sweep = list(hc.overrides.task) if hc.mode == RunMode.MULTIRUN else None
     with one_clear_answer():

@@ -106,9 +106,15 @@ class ImageFileDataset(LabelledDataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            image.load()
-            return self.transform(image), int(label)
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return self.transform(image), int(label)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: unidentified / truncated / broken
+            raise ValueError(
+                f"dataset: the image file {path!r} cannot be read ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else 'no details'}); replace or remove it"
+            ) from None
 
 
 def _is_image(name: str) -> bool:
@@ -133,17 +139,23 @@ def scan_class_folders(directory: Path) -> tuple[list[tuple[str, int]], list[str
     """``(samples, classes)`` of a folder of class folders (images searched recursively in each).
 
     ``classes`` are the sub-folder names in sorted order (labels are their indices, as in
-    torchvision's ``ImageFolder``); sub-folders without images are skipped. A folder with no
-    sub-folders but images directly inside is one class named after the folder.
+    torchvision's ``ImageFolder``; hidden folders are ignored). A class folder without images is
+    an error (skipping it would shift every later label, differently per split). A folder with
+    no sub-folders but images directly inside is one class named after the folder.
     """
-    subdirs = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+    subdirs = sorted(e.name for e in os.scandir(directory) if e.is_dir() and e.name[0] != ".")
     classes: list[str] = []
     samples: list[tuple[str, int]] = []
     for name in subdirs:
         files = scan_images(directory / name, recursive=True)
-        if files:
-            samples.extend((f, len(classes)) for f in files)
-            classes.append(name)
+        if not files:
+            raise FileNotFoundError(
+                f"dataset.root: the class folder {str(directory / name)!r} holds no images "
+                f"(files ending {', '.join(IMAGE_EXTENSIONS)}); add its images or remove the "
+                "folder (the sorted class-folder names are the labels)"
+            )
+        samples.extend((f, len(classes)) for f in files)
+        classes.append(name)
     if not classes:
         files = scan_images(directory, recursive=False)
         if files:

@@ -50,9 +50,16 @@ def read_cifar10(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, list
     """
     images, labels = [], []
     for name in CIFAR10_FILES[split]:
-        with open(folder / name, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-        data = np.asarray(entry["data"], dtype=np.uint8)
+        try:
+            with open(folder / name, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            data = np.asarray(entry["data"], dtype=np.uint8)
+        except (EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"{folder / name} is truncated or is not a CIFAR-10 batch ({type(e).__name__}); "
+                "extract cifar-10-python.tar.gz there again (or delete the folder and set "
+                "dataset.download=true)"
+            ) from None
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise ValueError(
                 f"{folder / name} is not a CIFAR-10 batch: its data has shape {data.shape}, "

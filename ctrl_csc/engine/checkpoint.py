@@ -15,12 +15,14 @@ dicts only, so a file carrying a pickled object payload is refused instead of ex
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import pickle
 import random
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,19 +53,35 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    """Write ``state`` to ``path`` atomically (temporary file in the same folder, then rename).
+
+    A save that fails (disk full, ``kill -9``) leaves the previous file as it was; a failure
+    the process sees is a :class:`CheckpointError` naming the file. Temporary files left by a
+    killed save of the same name are removed by the next successful one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CHECKPOINT_FORMAT, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # a killed save's
+            stale.unlink(missing_ok=True)
+    except OSError as e:  # disk full, quota, read-only or vanished folder: the old file stays
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        kept = " (the previous one is intact)" if path.is_file() else ""
+        raise CheckpointError(
+            f"could not write checkpoint {str(path)!r}{kept}: {e.strerror or e}. Free space "
+            "there or choose another run directory (hydra.run.dir=PATH)"
+        ) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
@@ -71,30 +89,57 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint written by :func:`save_checkpoint`, refusing anything unsafe or damaged."""
     path = Path(path)
+    if path.is_dir():
+        inside = path / "checkpoints" / "last.pt"
+        hint = f"; did you mean {str(inside)!r}?" if inside.is_file() else ""
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is a directory, not a checkpoint file: give the path of "
+            f"a .pt file to `checkpoint=` / `trainer.resume=`{hint}"
+        )
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not exist (check `checkpoint=` / `trainer.resume=`)"
         )
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's advice to retry with weights_only=False: no
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        what = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line.upper()]
+        if "Weights only load failed" not in str(e) or not what:
+            raise _unreadable(path, e) from None
         raise CheckpointError(
             f"checkpoint {str(path)!r} carries a pickled object payload, which is refused: only "
-            f"tensors and plain containers are loaded (weights_only=True). Details: "
-            f"{str(e).splitlines()[0]}"
+            f"tensors and plain containers are loaded (weights_only=True), nothing in it was run"
+            f" ({what[0]}). Use a checkpoint written by ctrl-csc-train, or a .safetensors release"
         ) from None
-    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is truncated or corrupted and cannot be read "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'})"
-        ) from None
+    except Exception as e:  # noqa: BLE001 - torch.load of a foreign or damaged file raises anything
+        raise _unreadable(path, e) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(
             f"{str(path)!r} is not a ctrl_csc checkpoint (format {found!r}, expected "
-            f"{CHECKPOINT_FORMAT!r})"
+            f"{CHECKPOINT_FORMAT!r}); give a checkpoint written by ctrl-csc-train to "
+            "`checkpoint=` / `trainer.resume=`"
         )
     return state
+
+
+def _unreadable(path: Path, e: BaseException) -> CheckpointError:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    detail = lines[0].split(". ")[0] if lines else "no details"
+    if isinstance(e, zipfile.BadZipFile | EOFError) or "zip archive" in detail:
+        what = "is truncated or corrupted"
+    elif any("Unsupported operand" in line for line in lines):
+        what = "is not a file written by torch.save (a plain pickle or another kind of file)"
+        detail = "refused, nothing in it was run"
+    else:
+        what = "is not a torch checkpoint, or is truncated or corrupted,"
+    return CheckpointError(
+        f"checkpoint {str(path)!r} {what} and cannot be read ({type(e).__name__}: {detail}); "
+        "give another file to `checkpoint=` / `trainer.resume=` (the run's earlier step_*.pt or "
+        "last.pt)"
+    )
 
 
 def rng_state() -> dict:
