@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctrl_csc.models import add_noise
+from ctrl_csc.nn.noise import add_noise
 
 if TYPE_CHECKING:
-    from ctrl_csc.engine.trainer import Game
+    from ctrl_csc.engine.game import Game
     from ctrl_csc.losses import CTRLObjective
 
 __all__ = ["TrainStep", "CTRLStep", "ReconstructionStep", "frozen", "frozen_statistics"]

@@ -8,7 +8,9 @@ per-stage densities (fraction of non-zeros) of their last forward through ``dens
 Configs: ``conf/model/*.yaml``.
 """
 
-from ._common import add_noise, count_parameters
+from ctrl_csc.nn.noise import add_noise
+
+from ._common import count_parameters
 from .autoencoder import Autoencoder
 from .conv_ae import ConvDecoder, ConvEncoder
 from .csc import CSCDecoder, CSCEncoder

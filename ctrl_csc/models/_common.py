@@ -1,5 +1,6 @@
 """Shared pieces of the encoders and decoders: size arithmetic, normalisation and activation
-layers, input validation, density bookkeeping and the denoising corruption.
+layers, input validation and density bookkeeping (the denoising corruption is
+:func:`ctrl_csc.nn.add_noise`).
 
 Every encoder in :mod:`ctrl_csc.models` maps images ``(N, C, H, W)`` in ``[-1, 1]`` to features
 ``(N, feature_dim)`` (on the unit sphere unless built with ``normalize=False``); every decoder maps
@@ -21,7 +22,6 @@ __all__ = [
     "ACTIVATIONS",
     "ImageEncoder",
     "ImageDecoder",
-    "add_noise",
     "as_size",
     "conv_out_size",
     "count_parameters",
@@ -110,23 +110,6 @@ def make_output_activation(
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     """Number of (trainable) scalar parameters of ``module``."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-def add_noise(x: Tensor, noise_std: float, generator: torch.Generator | None = None) -> Tensor:
-    """Denoising corruption ``x + noise_std * ε``, ``ε ~ N(0, I)``, same shape as ``x``.
-
-    The denoising option, usable with any model: the training step corrupts the real images it
-    feeds to the encoder (never the reconstruction target, never the decoder's output ``X̂`` when
-    it is re-encoded), and only while training. ``noise_std`` is in the units of the images (range
-    ``[-1, 1]``); ``0`` returns ``x`` itself. No clamping: the corrupted input may leave
-    ``[-1, 1]`` slightly, as in the usual denoising autoencoder.
-    """
-    if noise_std < 0:
-        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
-    if noise_std == 0:
-        return x
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return x + noise_std * noise
 
 
 def _density(t: Tensor) -> Tensor:

@@ -2,7 +2,7 @@
 
 The denoising option is Gaussian noise added to the *real input images only*, and only while
 training — never to the reconstruction target and never to a decoded ``X̂`` that is re-encoded
-(:func:`~ctrl_csc.models.add_noise`). It works with any model because it lives in the training
+(:func:`~ctrl_csc.nn.add_noise`). It works with any model because it lives in the training
 step, not in the networks (``loss.noise_std`` in the configs). :class:`Autoencoder` packages the
 same for Python use of the autoencoder baselines.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ._common import add_noise
+from ctrl_csc.nn.noise import add_noise
 
 __all__ = ["Autoencoder"]
 

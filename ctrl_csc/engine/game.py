@@ -1,0 +1,92 @@
+"""The closed-loop game as a training step sees it: the two players, their optimisers, autocast
+and the finiteness check.
+
+A step (:mod:`ctrl_csc.engine.steps`) is written against :class:`Game`; the
+:class:`~ctrl_csc.engine.Trainer` builds one and hands it to the step at every training step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ctrl_csc.engine.distributed import DistContext
+from ctrl_csc.engine.syncnorm import sync_batch_norms
+
+__all__ = ["Game", "NonFiniteObjectiveError"]
+
+
+class NonFiniteObjectiveError(FloatingPointError):
+    """Raised when the objective becomes NaN or infinite; the last good state is saved first."""
+
+
+class Game:
+    """The players and their optimisers, as a training step sees them.
+
+    ``encoder``/``decoder`` are what the step calls with gradients (DDP-wrapped when distributed);
+    ``raw_encoder``/``raw_decoder`` the bare modules, for passes that update nobody's weights.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        optimizers: Mapping[str, torch.optim.Optimizer],
+        ctx: DistContext,
+        grad_clip: float | None = None,
+        amp: bool = False,
+        amp_dtype: str = "bfloat16",
+    ) -> None:
+        self.raw_encoder, self.raw_decoder = encoder, decoder
+        self.ctx, self.grad_clip = ctx, grad_clip
+        if ctx.distributed:
+            # batch norm with the global batch's statistics (SyncBatchNorm on NCCL; in place)
+            encoder = sync_batch_norms(encoder, ctx.device)
+            decoder = sync_batch_norms(decoder, ctx.device)
+            self.raw_encoder, self.raw_decoder = encoder, decoder
+            ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            encoder = DistributedDataParallel(encoder, device_ids=ids)
+            decoder = DistributedDataParallel(decoder, device_ids=ids)
+        self.encoder, self.decoder = encoder, decoder
+        self.optimizers = dict(optimizers)
+        self.modules = {"encoder": self.raw_encoder, "decoder": self.raw_decoder}
+        self.amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[amp_dtype]
+        self.amp = amp
+        use_scaler = amp and self.amp_dtype == torch.float16 and ctx.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=use_scaler)
+        self.applied: list[str] = []  # players updated so far in the current training step
+        self.failed: str | None = None  # what check_finite found non-finite
+
+    def begin_step(self) -> None:
+        self.applied, self.failed = [], None
+
+    def autocast(self) -> AbstractContextManager:
+        if not self.amp:
+            return nullcontext()
+        return torch.autocast(self.ctx.device.type, dtype=self.amp_dtype)
+
+    def check_finite(self, value: torch.Tensor, what: str) -> None:
+        if not torch.isfinite(value).all():
+            self.failed = what
+            raise NonFiniteObjectiveError(
+                f"the {what} became {value.item()} — training stopped. Lower optim.*.lr, enable "
+                "trainer.grad_clip, or increase the loss's eps_sq"
+            )
+
+    def update(self, players: Sequence[str], loss: torch.Tensor) -> None:
+        """One optimiser step of ``players`` on ``loss`` (to be *minimised*)."""
+        for name in players:
+            self.optimizers[name].zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        for name in players:
+            opt = self.optimizers[name]
+            if self.grad_clip:
+                self.scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(self.modules[name].parameters(), self.grad_clip)
+            self.scaler.step(opt)
+        self.scaler.update()
+        self.applied.extend(players)
