@@ -1,6 +1,7 @@
 """Benchmark of the CSC stage (ctrl_csc.nn.CSCLayer) against a straightforward reference.
 
-Run:  /tmp/venv/bin/python bench/bench_csc.py [--quick] [--repeats N] [--threads N]
+Run:  .venv/bin/python bench/bench_csc.py [--quick] [--repeats N] [--threads N] [--batch N]
+      [--stages 64-64-1 ...] [--n-iters 2 5] [--no-compile]
 
 Prints one JSON line per (stage, n_iter, mode):
   * ``train``: forward with autograd (power_iters=1 per call, as in training) and forward+backward;
@@ -11,6 +12,12 @@ every iteration, starting from ``z₀ = 0``), their ratio (``speedup_*`` > 1 mea
 and ``conv_equivalents`` = our forward time / one ``conv2d`` of the same shape, with the floor
 ``2T − 1`` and the target ``1.25 (2T − 1)`` beside it. All timings of a case are interleaved
 (ours, reference, conv, ours, ...) in the same process and the median of ``--repeats`` is taken.
+
+``ours`` is the eager solver; ``compiled_*`` fields are the same stage with ``compile=True`` (its
+iterations as one ``torch.compile`` graph), measured in the same interleaved loop, when
+``torch.compile`` works here (``"compile": false`` otherwise, or with ``--no-compile``).
+``conv_cl_ms`` is the same conv on a channels-last input, for reference (the conv-equivalents
+are against the plain NCHW ``conv2d`` the stage's input arrives as).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ctrl_csc.nn import CSCLayer
+from ctrl_csc.nn.solver import compile_available
 
 STAGES = [  # (in, out, stride) at 32x32
     (3, 64, 1),
@@ -95,10 +103,20 @@ def _timed(fn, clock) -> float:
 
 
 def run_case(
-    cin: int, cout: int, stride: int, n_iter: int, batch: int, size: int, repeats: int, clock
+    cin: int,
+    cout: int,
+    stride: int,
+    n_iter: int,
+    batch: int,
+    size: int,
+    repeats: int,
+    clock,
+    compiled: bool = False,
 ):
     torch.manual_seed(0)
     layer = CSCLayer(cin, cout, 3, stride=stride, lmbda=0.1, n_iter=n_iter)
+    fused = CSCLayer(cin, cout, 3, stride=stride, lmbda=0.1, n_iter=n_iter, compile=True)
+    fused.load_state_dict(layer.state_dict())
     x = torch.randn(batch, cin, size, size)
     x_grad = x.clone().requires_grad_(cin != 3)  # a first stage gets no input gradient
     weight = layer.weight
@@ -106,6 +124,7 @@ def run_case(
     layer(x)  # initial power iterations (not timed)
     g = torch.randn_like(layer(x))
     conv_weight = weight.detach().clone()
+    x_cl = x.contiguous(memory_format=torch.channels_last)
 
     def ours_train_fwd():
         layer.train()
@@ -134,6 +153,23 @@ def run_case(
         with torch.no_grad():
             return F.conv2d(x, conv_weight, None, stride, padding)
 
+    def conv_cl():
+        with torch.no_grad():
+            return F.conv2d(x_cl, conv_weight, None, stride, padding)
+
+    def fused_train_fwd():
+        fused.train()
+        return fused(x_grad)
+
+    def fused_train_fwdbwd():
+        fused.train()
+        (fused(x_grad) * g).sum().backward()
+
+    def fused_eval_fwd():
+        fused.eval()
+        with torch.no_grad():
+            return fused(x)
+
     # sanity: both solve the same problem (the estimates of L differ slightly)
     layer.eval()
     with torch.no_grad():
@@ -147,14 +183,26 @@ def run_case(
         "ours_eval_fwd": ours_eval_fwd,
         "ref_eval_fwd": ref_eval_fwd,
         "conv": conv,
+        "conv_cl": conv_cl,
     }
-    for fn in fns.values():  # warm-up
+    if compiled:
+        fns.update(
+            fused_train_fwd=fused_train_fwd,
+            fused_train_fwdbwd=fused_train_fwdbwd,
+            fused_eval_fwd=fused_eval_fwd,
+        )
+        fused.eval()
+        with torch.no_grad():  # the compiled solver computes the same code
+            compiled_diff = float((fused(x) - ref).abs().max() / ref.abs().max())
+    for fn in fns.values():  # warm-up (and compilation)
+        fn()
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(_timed(fn, clock))
             weight.grad = None
+            fused.weight.grad = None
             x_grad.grad = None
     med = {k: statistics.median(v) for k, v in times.items()}
     floor = 2 * n_iter - 1
@@ -168,6 +216,7 @@ def run_case(
         "threads": torch.get_num_threads(),
         "repeats": repeats,
         "conv_ms": round(med["conv"], 2),
+        "conv_cl_ms": round(med["conv_cl"], 2),
         "conv_floor": floor,
         "conv_target": 1.25 * floor,
     }
@@ -181,7 +230,15 @@ def run_case(
         "speedup_fwd": round(med["ref_train_fwd"] / med["ours_train_fwd"], 3),
         "speedup_fwdbwd": round(med["ref_train_fwdbwd"] / med["ours_train_fwdbwd"], 3),
         "conv_equivalents": round(med["ours_train_fwd"] / med["conv"], 2),
+        "compile": compiled,
     }
+    if compiled:
+        train.update(
+            compiled_fwd_ms=round(med["fused_train_fwd"], 2),
+            compiled_fwdbwd_ms=round(med["fused_train_fwdbwd"], 2),
+            compiled_speedup_fwdbwd=round(med["ref_train_fwdbwd"] / med["fused_train_fwdbwd"], 3),
+            compiled_conv_equivalents=round(med["fused_train_fwd"] / med["conv"], 2),
+        )
     evaluation = {
         **common,
         "mode": "eval",
@@ -190,7 +247,14 @@ def run_case(
         "speedup_fwd": round(med["ref_eval_fwd"] / med["ours_eval_fwd"], 3),
         "conv_equivalents": round(med["ours_eval_fwd"] / med["conv"], 2),
         "rel_diff_vs_ref": float(f"{rel_diff:.3g}"),  # only L's estimate differs
+        "compile": compiled,
     }
+    if compiled:
+        evaluation.update(
+            compiled_fwd_ms=round(med["fused_eval_fwd"], 2),
+            compiled_conv_equivalents=round(med["fused_eval_fwd"] / med["conv"], 2),
+            compiled_rel_diff_vs_ref=float(f"{compiled_diff:.3g}"),
+        )
     return train, evaluation
 
 
@@ -202,6 +266,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="3 repeats")
     parser.add_argument(
+        "--stages",
+        nargs="+",
+        default=[f"{i}-{o}-{s}" for i, o, s in STAGES],
+        help="stages as IN-OUT-STRIDE (default: all)",
+    )
+    parser.add_argument("--n-iters", type=int, nargs="+", default=list(N_ITERS))
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled stage")
+    parser.add_argument(
         "--clock",
         choices=("wall", "cpu"),
         default="wall",
@@ -212,9 +284,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else args.repeats
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    for cin, cout, stride in STAGES:
-        for n_iter in N_ITERS:
-            lines = run_case(cin, cout, stride, n_iter, args.batch, args.size, repeats, clock)
+    compiled = not args.no_compile and compile_available()
+    stages = [tuple(int(v) for v in spec.split("-")) for spec in args.stages]
+    for cin, cout, stride in stages:
+        for n_iter in args.n_iters:
+            lines = run_case(
+                cin, cout, stride, n_iter, args.batch, args.size, repeats, clock, compiled
+            )
             for line in lines:
                 print(json.dumps({**line, "clock": args.clock}), flush=True)
 

@@ -533,8 +533,9 @@ def unrolled_lasso(
             that requires grad is refused (its gradient would be silently zero).
         fused: run the iterations as one ``torch.compile``-d graph (a checkpoint segment
             each; needs a working ``torch.compile``), which fuses the elementwise work between
-            the convolutions; the same values and gradients up to rounding. ``"implicit"``
-            runs eagerly (its recorded part is one step).
+            the convolutions; the same values and gradients up to rounding, the code in
+            ``channels_last`` memory format. ``"implicit"`` runs eagerly (its recorded part is
+            one step).
         implicit_max_iter, implicit_tol: conjugate-gradient budget of the implicit backward.
 
     Returns:
@@ -562,6 +563,12 @@ def unrolled_lasso(
     else:
         a, s = step, None
     betas = fista_momentum(n_iter) if algorithm == "fista" else [0.0] * (n_iter - 1)
+    fused = fused and callback is None and backward != "implicit"
+    if fused:
+        # the compiled graph runs its convolutions channels-last anyway (inductor's layout
+        # choice); handing it a channels-last input spares it the conversions in and out, so
+        # the code comes back channels-last (same values; a later stage then converts nothing)
+        u = u.contiguous(memory_format=torch.channels_last)
     common = dict(
         operator=operator, betas=betas, nonnegative=nonnegative, lmbda_relative=lmbda_relative,
         fused=fused, callback=callback,
