@@ -322,3 +322,37 @@ def test_cifar_corrupt_batch_is_explained(tmp_path):
         pickle.dump({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}, f)
     with pytest.raises(ValueError, match="not a CIFAR-10 batch"):
         build_dataset("cifar10", "test", root=tmp_path)
+
+
+class _Touch:
+    """Unpickling this calls pathlib.Path.touch(path): what a hostile data file would do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+@pytest.mark.parametrize("where", ["test_batch", "batches.meta"])
+def test_cifar_hostile_pickle_runs_nothing(tmp_path, where):
+    write_cifar10(tmp_path)
+    marker = tmp_path / "pwned"
+    payload = {"data": _Touch(marker), "labels": [0], "label_names": _Touch(marker)}
+    with open(tmp_path / "cifar-10-batches-py" / where, "wb") as f:
+        pickle.dump(payload, f)
+    with pytest.raises(ValueError, match=r"names pathlib\.\w*Path\.touch"):
+        build_dataset("cifar10", "test", root=tmp_path)
+    assert not marker.exists()
+
+
+def test_cifar_python2_protocol_batches_load(tmp_path):
+    """The published batches are protocol-2 pickles; the restricted unpickler reads them."""
+    data = write_cifar10(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    with open(folder / "test_batch", "rb") as f:
+        entry = pickle.load(f)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump(entry, f, protocol=2)
+    ds = build_dataset("cifar10", "test", root=tmp_path)
+    assert len(ds) == len(data["test"][1])

@@ -40,6 +40,32 @@ CIFAR10_CLASSES = [
 ]  # fmt: skip
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: the CIFAR batches hold dicts, lists, str/bytes, ints and
+    numpy arrays. Any other global a pickle names (``os.system``, ``builtins.eval``, ...) is
+    refused before it is looked up, so a hostile data file cannot run code."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # how Python 2 pickles of bytes spell them
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 batch never does")
+
+
+def _load_pickle(path: Path):
+    with open(path, "rb") as f:
+        return _CifarUnpickler(f, encoding="latin1").load()
+
+
 def read_cifar10(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read the python-pickle CIFAR-10 batches in ``folder`` (``cifar-10-batches-py``).
 
@@ -51,12 +77,12 @@ def read_cifar10(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, list
     images, labels = [], []
     for name in CIFAR10_FILES[split]:
         try:
-            with open(folder / name, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
+            entry = _load_pickle(folder / name)
             data = np.asarray(entry["data"], dtype=np.uint8)
         except (EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
+            why = str(e) if isinstance(e, pickle.UnpicklingError) else type(e).__name__
             raise ValueError(
-                f"{folder / name} is truncated or is not a CIFAR-10 batch ({type(e).__name__}); "
+                f"{folder / name} is truncated or is not a CIFAR-10 batch ({why}); "
                 "extract cifar-10-python.tar.gz there again (or delete the folder and set "
                 "dataset.download=true)"
             ) from None
@@ -70,8 +96,13 @@ def read_cifar10(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, list
     classes = CIFAR10_CLASSES
     meta = folder / "batches.meta"
     if meta.is_file():
-        with open(meta, "rb") as f:
-            classes = list(pickle.load(f, encoding="latin1")["label_names"])
+        try:
+            classes = [str(c) for c in _load_pickle(meta)["label_names"]]
+        except (EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"{meta} is not CIFAR-10's batches.meta ({e}); extract cifar-10-python.tar.gz "
+                "there again"
+            ) from None
     return np.ascontiguousarray(np.concatenate(images)), np.asarray(labels, np.int64), classes
 
 
