@@ -25,17 +25,17 @@ from torch import Tensor, nn
 
 from .distributed import all_gather, all_gather_with_grad, distributed_world_size
 from .rate import (
-    _check_eps_sq,
-    _check_labels_shape,
-    _check_num_classes,
-    _check_pair_shapes,
-    _compute_dtype,
-    _finish,
-    _no_autocast,
-    _Partition,
-    _rates,
-    _result_dtype,
-    _samplewise_rate,
+    Partition,
+    batched_rates,
+    check_eps_sq,
+    check_labels_shape,
+    check_num_classes,
+    check_pair_shapes,
+    compute_dtype,
+    no_autocast,
+    raise_if_failed,
+    result_dtype,
+    samplewise_rate,
 )
 
 __all__ = ["CTRLObjective", "ObjectiveTerms"]
@@ -66,7 +66,7 @@ class ObjectiveTerms:
 
 
 def _distance_rate(Z: Tensor, Zh: Tensor, eps_sq: float) -> Tensor:
-    return _samplewise_rate(Z, Zh, eps_sq)
+    return samplewise_rate(Z, Zh, eps_sq)
 
 
 def _distance_l2(Z: Tensor, Zh: Tensor, eps_sq: float) -> Tensor:
@@ -155,8 +155,8 @@ class CTRLObjective(nn.Module):
         if encoder_beta is not None:
             _check_weight("encoder_beta", encoder_beta)
         self.variant = variant
-        self.eps_sq = _check_eps_sq(eps_sq)
-        self.num_classes = _check_num_classes(num_classes)
+        self.eps_sq = check_eps_sq(eps_sq)
+        self.num_classes = check_num_classes(num_classes)
         self.gammas = gammas
         self.beta = float(beta)
         self.encoder_beta = self.beta if encoder_beta is None else float(encoder_beta)
@@ -190,20 +190,20 @@ class CTRLObjective(nn.Module):
         Returns:
             :class:`ObjectiveTerms`, computed on the global batch when gathering.
         """
-        _check_pair_shapes(Z, Zh)
+        check_pair_shapes(Z, Zh)
         if self.needs_labels:
             if labels is None:
                 raise ValueError(
                     "variant='multiclass' needs labels: call objective(Z, Zh, labels), or use "
                     "variant='binary' / 'samplewise' for unlabelled data"
                 )
-            _check_labels_shape(labels, Z.shape[0])
+            check_labels_shape(labels, Z.shape[0])
             labels = labels.to(device=Z.device, dtype=torch.long)
         else:
             labels = None
-        out_dtype = _result_dtype(torch.promote_types(Z.dtype, Zh.dtype))
-        with _no_autocast(Z.device):
-            dtype = _compute_dtype(torch.promote_types(Z.dtype, Zh.dtype), self.float64)
+        out_dtype = result_dtype(torch.promote_types(Z.dtype, Zh.dtype))
+        with no_autocast(Z.device):
+            dtype = compute_dtype(torch.promote_types(Z.dtype, Zh.dtype), self.float64)
             pairs = torch.stack([Z.to(dtype), Zh.to(dtype)], dim=1)  # (n, 2, d): one collective
             if self.gather and distributed_world_size() > 1:
                 pairs = all_gather_with_grad(pairs)
@@ -211,10 +211,10 @@ class CTRLObjective(nn.Module):
                     labels = all_gather(labels)
             # from here on every rank holds the same global batch: an error below is raised on
             # all ranks together (none is left waiting in a collective)
-            part = _Partition.of(labels, self.num_classes) if labels is not None else None
+            part = Partition.of(labels, self.num_classes) if labels is not None else None
             feats = pairs.transpose(0, 1)  # (2, n, d) = [Z; Zh]
             result, ok = self._variants[self.variant](self, feats, part)
-            _finish(ok, [result.total, result.decoder_total], Z=feats[0], Zh=feats[1])
+            raise_if_failed(ok, [result.total, result.decoder_total], Z=feats[0], Zh=feats[1])
         return ObjectiveTerms(
             total=result.total.to(out_dtype),
             decoder_total=result.decoder_total.to(out_dtype),
@@ -224,7 +224,7 @@ class CTRLObjective(nn.Module):
     # -- variants: features (2, n, d) = [Z; Zh] gathered, validated and cast; return (terms, ok)
 
     def _pair(self, feats: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        r = _rates(feats, self.eps_sq, global_union=True)
+        r = batched_rates(feats, self.eps_sq, global_union=True)
         g = r.glob
         r_z, r_zh, r_u = g.sep[0, 0], g.sep[0, 1], g.union[0]  # type: ignore[union-attr]
         terms = {
@@ -235,14 +235,14 @@ class CTRLObjective(nn.Module):
         }
         return terms, r.ok
 
-    def _binary(self, feats: Tensor, part: _Partition | None) -> tuple[ObjectiveTerms, Tensor]:
+    def _binary(self, feats: Tensor, part: Partition | None) -> tuple[ObjectiveTerms, Tensor]:
         terms, ok = self._pair(feats)
         t = terms["delta_R_Z_Zh"]
         return ObjectiveTerms(total=t, decoder_total=t, terms=terms), ok
 
-    def _multiclass(self, feats: Tensor, part: _Partition | None) -> tuple[ObjectiveTerms, Tensor]:
+    def _multiclass(self, feats: Tensor, part: Partition | None) -> tuple[ObjectiveTerms, Tensor]:
         assert part is not None
-        r = _rates(feats, self.eps_sq, part, class_union=True)
+        r = batched_rates(feats, self.eps_sq, part, class_union=True)
         g, c = r.glob, r.cls
         w = part.counts.to(feats.dtype) / feats.shape[1]  # n_j / n over the classes present
         r_z, r_zh = g.sep[0, 0], g.sep[0, 1]  # type: ignore[union-attr]
@@ -261,7 +261,7 @@ class CTRLObjective(nn.Module):
         t = g1 * terms["delta_R_Z"] + g2 * terms["delta_R_Zh"] + g3 * classwise
         return ObjectiveTerms(total=t, decoder_total=t, terms=terms), r.ok
 
-    def _samplewise(self, feats: Tensor, part: _Partition | None) -> tuple[ObjectiveTerms, Tensor]:
+    def _samplewise(self, feats: Tensor, part: Partition | None) -> tuple[ObjectiveTerms, Tensor]:
         terms, ok = self._pair(feats)
         dist = _DISTANCES[self.distance](feats[0], feats[1], self.eps_sq).mean()
         terms["samplewise_distance"] = dist

@@ -38,6 +38,16 @@ How it is computed
 * A failed factorisation or a non-finite result is detected with one host synchronisation at the
   end of a call (no separate finiteness pass over the inputs); only then are the inputs inspected,
   so that the ``ValueError`` names a non-finite input rather than a failed factorisation.
+
+Two tiers of public names
+-------------------------
+* The rate functions (``coding_rate`` … ``samplewise_rate_reduction``) validate their inputs and
+  return one rate each.
+* The building blocks, for an objective that needs several rates of the same features in one
+  batched computation (:class:`~ctrl_csc.losses.CTRLObjective`): validate with ``check_*``, cast
+  with ``compute_dtype`` under ``no_autocast``, compute every rate with ``batched_rates`` (a
+  :class:`Partition` for the classes), then check with ``raise_if_failed`` (one host sync) and
+  return in ``result_dtype``. ``samplewise_rate`` is the closed-form per-pair ΔR, unvalidated.
 """
 
 from __future__ import annotations
@@ -50,12 +60,27 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    # the rates of features, validated
     "NonFiniteError",
     "coding_rate",
     "compressed_coding_rate",
     "pairwise_rate_reduction",
     "rate_reduction",
     "samplewise_rate_reduction",
+    # building blocks for objectives that combine several rates in one call (objective.py)
+    "Level",
+    "Partition",
+    "Rates",
+    "batched_rates",
+    "check_eps_sq",
+    "check_labels_shape",
+    "check_num_classes",
+    "check_pair_shapes",
+    "compute_dtype",
+    "no_autocast",
+    "raise_if_failed",
+    "result_dtype",
+    "samplewise_rate",
 ]
 
 
@@ -70,7 +95,8 @@ class NonFiniteError(ValueError, FloatingPointError):
     """
 
 
-def _check_eps_sq(eps_sq: float) -> float:
+def check_eps_sq(eps_sq: float) -> float:
+    """``eps_sq`` as a float; a ``ValueError`` unless it is a positive finite number."""
     if isinstance(eps_sq, bool) or not isinstance(eps_sq, (int, float)):
         raise ValueError(f"eps_sq must be a positive number, got {eps_sq!r}")
     if not (math.isfinite(eps_sq) and eps_sq > 0):
@@ -91,7 +117,8 @@ def _check_features_shape(Z: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {Z.dtype}")
 
 
-def _check_pair_shapes(Z: Tensor, Zh: Tensor) -> None:
+def check_pair_shapes(Z: Tensor, Zh: Tensor) -> None:
+    """``Z`` and ``Zh``: non-empty floating-point ``(n, d)`` tensors of one shape and device."""
     _check_features_shape(Z, "Z")
     _check_features_shape(Zh, "Zh")
     if Z.shape != Zh.shape:
@@ -115,7 +142,8 @@ def _check_finite(**tensors: Tensor) -> None:
         )
 
 
-def _check_num_classes(num_classes: int | None) -> int | None:
+def check_num_classes(num_classes: int | None) -> int | None:
+    """``num_classes``: ``None`` or a positive int."""
     if num_classes is None:
         return None
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -123,7 +151,9 @@ def _check_num_classes(num_classes: int | None) -> int | None:
     return num_classes
 
 
-def _check_labels_shape(labels: Tensor | None, n: int) -> None:
+def check_labels_shape(labels: Tensor | None, n: int) -> None:
+    """``labels``: an integer tensor of shape ``(n,)`` (their range is checked by
+    :meth:`Partition.of`)."""
     if labels is None:
         raise ValueError("labels are required (class-conditional rates need a partition Π)")
     if not isinstance(labels, torch.Tensor):
@@ -139,17 +169,21 @@ def _check_labels_shape(labels: Tensor | None, n: int) -> None:
 # --------------------------------------------------------------------------- numerics
 
 
-def _compute_dtype(dtype: torch.dtype, float64: bool) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype, float64: bool) -> torch.dtype:
+    """The dtype rates are computed in: float64 if asked, else float32/float64 as given, else
+    float32 (half precision is cast up)."""
     if float64:
         return torch.float64
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _result_dtype(dtype: torch.dtype) -> torch.dtype:
+def result_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype rates are returned in for features of ``dtype`` (float32 for half precision)."""
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _no_autocast(device: torch.device):
+def no_autocast(device: torch.device):
+    """A context that disables autocast on ``device`` (rates are computed at full precision)."""
     try:
         return torch.autocast(device_type=device.type, enabled=False)
     except RuntimeError:  # a device type autocast does not know: nothing to disable
@@ -281,7 +315,7 @@ class _CholeskyPlan:
 
 
 @dataclass
-class _Level:
+class Level:
     """Rates of one level (the whole batch, or the classes) of F ∈ {1, 2} feature sets.
 
     ``sep``: ``(G, F)``, ``R`` of each feature set in each group; ``union``: ``(G,)``, the rate of
@@ -346,17 +380,17 @@ class _LevelBuilder:
             if union:
                 self.h_uni = plan.add(cov.sum(1), alpha / F)
 
-    def finish(self, plan: _CholeskyPlan) -> _Level:
+    def finish(self, plan: _CholeskyPlan) -> Level:
         if self.gram and self.union:
             sep = plan.result(self.h_sep)  # (G, F): blocks of the packed matrix
         else:
             sep = plan.result(self.h_sep)[:, 0].view(self.G, self.F)
         uni = plan.result(self.h_uni)[:, 0] if self.union else None
-        return _Level(sep=sep, union=uni)
+        return Level(sep=sep, union=uni)
 
 
 @dataclass
-class _Partition:
+class Partition:
     """Classes present in a batch. ``inv``/``pos``: ``(n,)`` class slot and row within its class;
     ``counts``: ``(K',)`` samples per present class; ``m``: largest count."""
 
@@ -366,7 +400,7 @@ class _Partition:
     m: int
 
     @staticmethod
-    def of(labels: Tensor, num_classes: int | None) -> _Partition:
+    def of(labels: Tensor, num_classes: int | None) -> Partition:
         """Partition of validated-shape int64 ``labels`` ``(n,)``; checks their range."""
         classes, inv, counts = torch.unique(
             labels, sorted=True, return_inverse=True, return_counts=True
@@ -383,7 +417,7 @@ class _Partition:
         starts = torch.cumsum(counts, 0) - counts
         pos = torch.empty_like(inv)
         pos[order] = torch.arange(inv.shape[0], device=inv.device) - starts[inv[order]]
-        return _Partition(inv=inv, pos=pos, counts=counts, m=int(m))
+        return Partition(inv=inv, pos=pos, counts=counts, m=int(m))
 
     def pad(self, feats: Tensor) -> Tensor:
         """``(F, n, d)`` → ``(K', F, m, d)``, zero rows as padding (differentiable)."""
@@ -394,20 +428,22 @@ class _Partition:
 
 
 @dataclass
-class _Rates:
-    glob: _Level | None
-    cls: _Level | None
+class Rates:
+    """What :func:`batched_rates` returns: the global level, the class level and ``ok``."""
+
+    glob: Level | None
+    cls: Level | None
     ok: Tensor  # 0-dim bool: every Cholesky factorisation succeeded
 
 
-def _rates(
+def batched_rates(
     feats: Tensor,
     eps_sq: float,
-    part: _Partition | None = None,
+    part: Partition | None = None,
     want_global: bool = True,
     global_union: bool = False,
     class_union: bool = False,
-) -> _Rates:
+) -> Rates:
     """Rates of F ∈ {1, 2} feature sets ``feats`` ``(F, n, d)``, globally and per class.
 
     ``glob.sep`` ``(1, F)``, ``glob.union`` ``(1,)``; with a partition, ``cls.sep`` ``(K', F)`` and
@@ -427,14 +463,14 @@ def _rates(
         else:
             glob_b = _LevelBuilder(plan, feats[None], n_t, d, eps_sq, global_union)
     plan.run()
-    return _Rates(
+    return Rates(
         glob=glob_b.finish(plan) if glob_b is not None else None,
         cls=cls_b.finish(plan) if cls_b is not None else None,
         ok=plan.ok,  # type: ignore[arg-type]
     )
 
 
-def _finish(ok: Tensor, values: list[Tensor], **inputs: Tensor) -> None:
+def raise_if_failed(ok: Tensor, values: list[Tensor], **inputs: Tensor) -> None:
     """One host sync: raise a clear error if a factorisation failed or a value is not finite."""
     vals = torch.stack([v.detach().reshape(-1).sum().to(torch.float64) for v in values])
     if not bool(ok & torch.isfinite(vals).all()):
@@ -447,7 +483,7 @@ def _finish(ok: Tensor, values: list[Tensor], **inputs: Tensor) -> None:
 
 
 def _prepare(Z: Tensor, float64: bool) -> Tensor:
-    return Z.to(_compute_dtype(Z.dtype, float64))
+    return Z.to(compute_dtype(Z.dtype, float64))
 
 
 # --------------------------------------------------------------------------- public functions
@@ -464,29 +500,29 @@ def coding_rate(Z: Tensor, eps_sq: float = 0.5, float64: bool = False) -> Tensor
     Returns:
         0-dim tensor in ``Z``'s dtype (float32 for half-precision inputs), differentiable.
     """
-    eps_sq = _check_eps_sq(eps_sq)
+    eps_sq = check_eps_sq(eps_sq)
     _check_features_shape(Z, "Z")
-    with _no_autocast(Z.device):
-        r = _rates(_prepare(Z, float64)[None], eps_sq)
+    with no_autocast(Z.device):
+        r = batched_rates(_prepare(Z, float64)[None], eps_sq)
         out = r.glob.sep[0, 0]  # type: ignore[union-attr]
-        _finish(r.ok, [out], Z=Z)
-        return out.to(_result_dtype(Z.dtype))
+        raise_if_failed(r.ok, [out], Z=Z)
+        return out.to(result_dtype(Z.dtype))
 
 
 def _labelled(
     Z: Tensor, labels: Tensor, num_classes: int | None, eps_sq: float, float64: bool
-) -> tuple[_Rates, Tensor]:
+) -> tuple[Rates, Tensor]:
     """Validates a labelled call and computes the global and class rates of ``Z``.
 
     Returns ``(rates, class weights n_j/n of shape (K',))``.
     """
-    eps_sq = _check_eps_sq(eps_sq)
-    num_classes = _check_num_classes(num_classes)
+    eps_sq = check_eps_sq(eps_sq)
+    num_classes = check_num_classes(num_classes)
     _check_features_shape(Z, "Z")
-    _check_labels_shape(labels, Z.shape[0])
-    part = _Partition.of(labels.to(device=Z.device, dtype=torch.long), num_classes)
+    check_labels_shape(labels, Z.shape[0])
+    part = Partition.of(labels.to(device=Z.device, dtype=torch.long), num_classes)
     Zc = _prepare(Z, float64)
-    r = _rates(Zc[None], eps_sq, part)
+    r = batched_rates(Zc[None], eps_sq, part)
     return r, part.counts.to(Zc.dtype) / Z.shape[0]
 
 
@@ -511,11 +547,11 @@ def compressed_coding_rate(
     Returns:
         0-dim tensor, differentiable with respect to ``Z``.
     """
-    with _no_autocast(Z.device):
+    with no_autocast(Z.device):
         r, w = _labelled(Z, labels, num_classes, eps_sq, float64)
         out = (w * r.cls.sep[:, 0]).sum()  # type: ignore[union-attr]
-        _finish(r.ok, [out], Z=Z)
-        return out.to(_result_dtype(Z.dtype))
+        raise_if_failed(r.ok, [out], Z=Z)
+        return out.to(result_dtype(Z.dtype))
 
 
 def rate_reduction(
@@ -537,11 +573,11 @@ def rate_reduction(
     Returns:
         0-dim tensor, differentiable with respect to ``Z``.
     """
-    with _no_autocast(Z.device):
+    with no_autocast(Z.device):
         r, w = _labelled(Z, labels, num_classes, eps_sq, float64)
         out = r.glob.sep[0, 0] - (w * r.cls.sep[:, 0]).sum()  # type: ignore[union-attr]
-        _finish(r.ok, [out], Z=Z)
-        return out.to(_result_dtype(Z.dtype))
+        raise_if_failed(r.ok, [out], Z=Z)
+        return out.to(result_dtype(Z.dtype))
 
 
 def pairwise_rate_reduction(
@@ -561,15 +597,15 @@ def pairwise_rate_reduction(
     Returns:
         0-dim tensor, differentiable with respect to both inputs.
     """
-    eps_sq = _check_eps_sq(eps_sq)
-    _check_pair_shapes(Z, Zh)
-    with _no_autocast(Z.device):
-        dtype = _compute_dtype(torch.promote_types(Z.dtype, Zh.dtype), float64)
-        r = _rates(torch.stack([Z.to(dtype), Zh.to(dtype)]), eps_sq, global_union=True)
+    eps_sq = check_eps_sq(eps_sq)
+    check_pair_shapes(Z, Zh)
+    with no_autocast(Z.device):
+        dtype = compute_dtype(torch.promote_types(Z.dtype, Zh.dtype), float64)
+        r = batched_rates(torch.stack([Z.to(dtype), Zh.to(dtype)]), eps_sq, global_union=True)
         g = r.glob
         out = g.union[0] - 0.5 * g.sep[0, 0] - 0.5 * g.sep[0, 1]  # type: ignore[union-attr]
-        _finish(r.ok, [out], Z=Z, Zh=Zh)
-        return out.to(_result_dtype(torch.promote_types(Z.dtype, Zh.dtype)))
+        raise_if_failed(r.ok, [out], Z=Z, Zh=Zh)
+        return out.to(result_dtype(torch.promote_types(Z.dtype, Zh.dtype)))
 
 
 def samplewise_rate_reduction(
@@ -592,16 +628,18 @@ def samplewise_rate_reduction(
     Returns:
         ``(n,)`` tensor, differentiable.
     """
-    eps_sq = _check_eps_sq(eps_sq)
-    _check_pair_shapes(Z, Zh)
-    with _no_autocast(Z.device):
-        dtype = _compute_dtype(torch.promote_types(Z.dtype, Zh.dtype), float64)
-        out = _samplewise_rate(Z.to(dtype), Zh.to(dtype), eps_sq)
-        _finish(torch.ones((), dtype=torch.bool, device=out.device), [out], Z=Z, Zh=Zh)
-        return out.to(_result_dtype(torch.promote_types(Z.dtype, Zh.dtype)))
+    eps_sq = check_eps_sq(eps_sq)
+    check_pair_shapes(Z, Zh)
+    with no_autocast(Z.device):
+        dtype = compute_dtype(torch.promote_types(Z.dtype, Zh.dtype), float64)
+        out = samplewise_rate(Z.to(dtype), Zh.to(dtype), eps_sq)
+        raise_if_failed(torch.ones((), dtype=torch.bool, device=out.device), [out], Z=Z, Zh=Zh)
+        return out.to(result_dtype(torch.promote_types(Z.dtype, Zh.dtype)))
 
 
-def _samplewise_rate(Z: Tensor, Zh: Tensor, eps_sq: float) -> Tensor:
+def samplewise_rate(Z: Tensor, Zh: Tensor, eps_sq: float) -> Tensor:
+    """``(n,)`` per-pair ``ΔR({z_i}, {ẑ_i})`` of :func:`samplewise_rate_reduction`, without
+    validation, casting or the finiteness check (``Z``, ``Zh`` in the compute dtype)."""
     a = Z.shape[1] / (2.0 * eps_sq)
     s, sh, c = (Z * Z).sum(1), (Zh * Zh).sum(1), (Z * Zh).sum(1)
     cross = (s * sh - c * c).clamp_min(0.0)  # ‖z‖²‖ẑ‖² − (z·ẑ)² ≥ 0 (Cauchy–Schwarz)
