@@ -140,6 +140,14 @@ def truncated_cifar(tmp, files, mp):
     return {"data": tmp / "cifar10"}
 
 
+def hostile_cifar(tmp, files, mp):
+    """A CIFAR-10 batch whose pickle calls os.system: it must be refused and run nothing."""
+    found = truncated_cifar(tmp, files, mp)
+    batch = tmp / "cifar10" / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(pickle.dumps({"data": _Payload(files["dir"] / "pwned"), "labels": [0]}))
+    return found
+
+
 def no_data(tmp, files, mp):
     (tmp / "empty").mkdir()
     mp.setenv("CTRL_CSC_DATA", str(tmp / "empty"))
@@ -225,6 +233,11 @@ FAULTS = [
     Fault("no-gpu", "configuration", "`trainer.device=cuda` without a GPU",
           ("trainer.device=cuda",), ("no CUDA device is visible", "trainer.device=cpu"),
           marks=(pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present"),)),
+    Fault("zero-eval-images", "configuration", "zero images to evaluate",
+          ("eval.num_images=0",), ("eval.num_images must be a positive integer",
+                                   "eval.num_images=N"), cli="eval"),
+    Fault("negative-eval-batch", "configuration", "a negative evaluation batch size",
+          ("eval.batch_size=-1",), ("eval.batch_size must be a positive integer",), cli="eval"),
     Fault("unknown-metric", "configuration", "a metric that does not exist",
           ("eval.metrics=[psnr,fidelity]",), ("eval.metrics: unknown metric(s) ['fidelity']",),
           cli="eval"),
@@ -240,6 +253,10 @@ FAULTS = [
           ("dataset=cifar10", "dataset.root={data}"),
           ("data_batch_3 is truncated or is not a CIFAR-10 batch", "extract"),
           setup=truncated_cifar),
+    Fault("hostile-data-file", "data", "a CIFAR-10 batch whose pickle calls `os.system`",
+          ("dataset=cifar10", "dataset.root={data}"),
+          ("data_batch_3 is truncated or is not a CIFAR-10 batch", "system"),
+          setup=hostile_cifar),
     Fault("corrupted-image", "data", "a truncated image file",
           IMAGEFOLDER, ("the image file", "0.png' cannot be read", "replace or remove it"),
           setup=truncated_image),
@@ -295,6 +312,9 @@ FAULTS = [
     Fault("unwritable-run-dir", "run", "a run directory that cannot be created",
           ("hydra.run.dir={file}/run",), ("cannot be created", "is a file, not a folder",
                                           "hydra.run.dir=PATH"), setup=a_file),
+    Fault("unwritable-eval-dir", "run", "an evaluation directory that cannot be created",
+          ("hydra.run.dir={file}/eval",), ("cannot be created", "is a file, not a folder",
+                                           "hydra.run.dir=PATH"), cli="eval", setup=a_file),
     Fault("unwritable-checkpoints", "run", "a run directory whose checkpoints/ is a file",
           (), ("could not write checkpoint", "checkpoints/last.pt", "hydra.run.dir=PATH"),
           setup=checkpoints_is_a_file),
@@ -435,7 +455,7 @@ def test_fault(fault, files, tmp_path, capsys, monkeypatch):
     if fault.cli == "train":
         args = [*SMOKE, *args]
     else:
-        args = [*args, "eval.plots=false", "eval.num_images=16", "eval.probe_images=16"]
+        args = ["eval.plots=false", "eval.num_images=16", "eval.probe_images=16", *args]
     if not any(a.startswith("hydra.run.dir=") for a in args):
         args.append(f"hydra.run.dir={tmp_path / 'run'}")
     last = tmp_path / "run" / "checkpoints" / "last.pt"

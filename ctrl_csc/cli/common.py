@@ -279,16 +279,30 @@ _TRAINER_AT_LEAST = {
 }
 
 
-def check_trainer_settings(tcfg: Any) -> None:
-    """Every count in ``trainer`` an integer in range and ``trainer.device`` a device name,
-    each refused with the setting named (instead of a type error deep inside the data loader)."""
-    for key, low in _TRAINER_AT_LEAST.items():
-        value = tcfg.get(key)
-        if value is None and key in ("eval_images",):
+#: ``eval.*`` settings that count something (``num_images: null`` = the whole split).
+_EVAL_AT_LEAST = {"num_images": 1, "batch_size": 1, "probe_images": 1, "n_components": 1,
+                  "num_workers": 0}  # fmt: skip
+
+
+def _check_counts(cfg: Any, group: str, at_least: dict[str, int], nullable: tuple[str, ...]):
+    for key, low in at_least.items():
+        value = cfg.get(key)
+        if value is None and key in nullable:
             continue
         if not _is_int(value) or value < low:
             kind = "a positive integer" if low == 1 else "an integer >= 0"
-            raise ValueError(f"trainer.{key} must be {kind}, got {value!r}; set trainer.{key}=N")
+            raise ValueError(f"{group}.{key} must be {kind}, got {value!r}; set {group}.{key}=N")
+
+
+def check_eval_settings(ecfg: Any) -> None:
+    """Every count in ``eval`` an integer in range, refused with the setting named."""
+    _check_counts(ecfg, "eval", _EVAL_AT_LEAST, ("num_images", "probe_images"))
+
+
+def check_trainer_settings(tcfg: Any) -> None:
+    """Every count in ``trainer`` an integer in range and ``trainer.device`` a device name,
+    each refused with the setting named (instead of a type error deep inside the data loader)."""
+    _check_counts(tcfg, "trainer", _TRAINER_AT_LEAST, ("eval_images",))
     threads = tcfg.get("threads")
     if threads is not None and (not _is_int(threads) or threads < 1):
         raise ValueError(f"trainer.threads must be a positive integer or null, got {threads!r}")

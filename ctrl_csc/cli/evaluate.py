@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from torch.utils.data import DataLoader
 
 from ctrl_csc.cli.common import (
     build_models,
+    check_eval_settings,
+    check_run_dir_arguments,
     check_writable,
     config_dir,
     one_clear_answer,
@@ -129,6 +132,7 @@ def format_table(metrics: dict[str, float]) -> str:
 def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     output_dir = check_writable(output_dir)
     ecfg = cfg.eval
+    check_eval_settings(ecfg)
     seed_all(0)
     device = resolve_device(ecfg.device)
     model, train_config = load_pretrained(cfg.checkpoint, device)
@@ -186,9 +190,15 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     return result.metrics
 
 
+def main() -> None:
+    """Console script ``ctrl-csc-eval`` (Hydra's command line; see :func:`hydra_main`)."""
+    check_run_dir_arguments(sys.argv, "ctrl-csc-eval")  # Hydra creates it before we run
+    hydra_main()
+
+
 @hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    """Console script ``ctrl-csc-eval``; returns the PSNR (for sweeps over checkpoints)."""
+def hydra_main(cfg: DictConfig) -> float:
+    """The Hydra task of ``ctrl-csc-eval``; returns the PSNR (for sweeps over checkpoints)."""
     with one_clear_answer():
         metrics = run(cfg, HydraConfig.get().runtime.output_dir)
     return float(metrics.get("psnr", float("nan")))
