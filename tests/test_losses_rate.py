@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from rate_reference import EPS, ref_pair, ref_R, ref_Rc
 
+import ctrl_csc.losses.cholesky as cholesky_mod
 import ctrl_csc.losses.rate as rate_mod
 from ctrl_csc.losses import (
     coding_rate,
@@ -48,7 +49,7 @@ def path(request, monkeypatch):
     if forced is not None:
         monkeypatch.setattr(rate_mod, "_use_gram", lambda *a: forced)
     if request.param == "dxd_blocked":
-        monkeypatch.setattr(rate_mod, "_CHOLESKY_BLOCK", 2)
+        monkeypatch.setattr(cholesky_mod, "BLOCK", 2)
     return request.param
 
 
@@ -94,15 +95,15 @@ def test_other_eps_sq():
 
 @pytest.mark.parametrize("s", [4, 13, 128, 257])
 def test_blocked_cholesky_equals_library(s, monkeypatch):
-    monkeypatch.setattr(rate_mod, "_CHOLESKY_BLOCK", 3)
+    monkeypatch.setattr(cholesky_mod, "BLOCK", 3)
     g = torch.Generator().manual_seed(s)
     X = torch.randn(2, s, s + 3, generator=g, dtype=torch.float64)
     A = torch.eye(s, dtype=torch.float64) + X @ X.mT / s
-    L, info = rate_mod._cholesky(A.clone())  # may overwrite its argument
+    L, info = cholesky_mod.cholesky(A.clone())  # may overwrite its argument
     assert (info == 0).all()
     torch.testing.assert_close(L, torch.linalg.cholesky(A), rtol=1e-10, atol=1e-12)
     A[1, -1, -1] = -1.0  # the last leading minor is not positive definite
-    _, info = rate_mod._cholesky(A.clone())
+    _, info = cholesky_mod.cholesky(A.clone())
     assert info[0] == 0 and info[1] == s
 
 
