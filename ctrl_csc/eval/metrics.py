@@ -32,7 +32,6 @@ from torch import Tensor, nn
 __all__ = [
     "INCEPTION_WEIGHTS_URL",
     "PYTORCH_FID_WEIGHTS_URL",
-    "FIDInception",
     "FeatureExtractor",
     "GaussianStats",
     "InceptionFeatureExtractor",
@@ -447,10 +446,6 @@ class InceptionFeatureExtractor(FeatureExtractor):
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         feats, logits = self.net(images_to_uint8(images))
         return feats.float(), logits.float()
-
-
-#: Alias named in the interface contract.
-FIDInception = InceptionFeatureExtractor
 
 
 def build_inception_feature_extractor(
