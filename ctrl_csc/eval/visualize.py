@@ -22,6 +22,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from ctrl_csc.nn.layers import conv_output_size
+
 __all__ = [
     "dictionary_atoms",
     "plot_curves",
@@ -133,10 +135,6 @@ def _atoms_of(stage: nn.Module) -> Tensor:
     return fn() if callable(fn) else stage.weight
 
 
-def _conv_out(size: int, k: int, s: int, p: int) -> int:
-    return (size + 2 * p - k) // s + 1
-
-
 @torch.no_grad()
 def dictionary_atoms(stages: Sequence[nn.Module], level: int, max_atoms: int = 64) -> Tensor:
     """Atoms of CSC stage ``level`` in pixel space, ``(n_atoms, C_img, h, w)``.
@@ -173,7 +171,7 @@ def dictionary_atoms(stages: Sequence[nn.Module], level: int, max_atoms: int = 6
     # pixel size with margin so that the centre delta's footprint lies inside; sizes per level
     sizes = [2 * rf + 2 * jump + 1]
     for k, s, p in geom:
-        sizes.append(_conv_out(sizes[-1], k, s, p))
+        sizes.append(conv_output_size(sizes[-1], k, s, p))
     h = sizes[level + 1]
     w = top.weight
     z = w.new_zeros((n_atoms, w.shape[0], h, h))

@@ -23,7 +23,6 @@ __all__ = [
     "ImageEncoder",
     "ImageDecoder",
     "as_size",
-    "conv_out_size",
     "count_parameters",
     "make_activation",
     "make_norm",
@@ -53,11 +52,6 @@ def as_size(image_size: int | Sequence[int], setting: str = "image_size") -> tup
     if min(size) < 1:
         raise ValueError(f"{setting} must be positive, got {image_size!r}")
     return size  # type: ignore[return-value]
-
-
-def conv_out_size(size: int, kernel_size: int, stride: int, padding: int) -> int:
-    """Spatial output size of ``conv2d`` (dilation 1): ``floor((size + 2p - k) / s) + 1``."""
-    return (size + 2 * padding - kernel_size) // stride + 1
 
 
 def make_norm(kind: str, channels: int, groups: int = 8, setting: str = "norm") -> nn.Module:

@@ -22,10 +22,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ctrl_csc.nn.layers import conv_output_size
+
 from ._common import (
     ImageDecoder,
     ImageEncoder,
-    conv_out_size,
     make_activation,
     make_norm,
     make_output_activation,
@@ -40,7 +41,7 @@ def _stage_size(
 ) -> tuple[int, int]:
     """Code size after a conv2d-arithmetic stage; ``ValueError`` if it falls below 1x1."""
     p = spec.kernel_size // 2 if spec.padding is None else spec.padding
-    out = tuple(conv_out_size(s, spec.kernel_size, spec.stride, p) for s in size)
+    out = tuple(conv_output_size(s, spec.kernel_size, spec.stride, p) for s in size)
     if min(out) < 1:
         raise ValueError(
             f"dataset.image_size={image_size} is too small for this model: {where} "

@@ -18,11 +18,12 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from ctrl_csc.nn.layers import conv_output_size
+
 from ._common import (
     ImageDecoder,
     ImageEncoder,
     _density,
-    conv_out_size,
     make_norm,
     make_output_activation,
 )
@@ -34,7 +35,7 @@ def _dcgan_sizes(image_size: tuple[int, int], n: int, setting: str) -> list[tupl
     """Sizes after 0..n ``Conv(4, 2, 1)``: ``floor(H / 2)`` each; ``ValueError`` below 1x1."""
     sizes = [image_size]
     for _ in range(n):
-        sizes.append(tuple(conv_out_size(s, 4, 2, 1) for s in sizes[-1]))  # type: ignore[misc]
+        sizes.append(tuple(conv_output_size(s, 4, 2, 1) for s in sizes[-1]))  # type: ignore[misc]
     if min(sizes[-1]) < 1:
         raise ValueError(
             f"dataset.image_size={image_size[0]}x{image_size[1]} is too small for {setting}="

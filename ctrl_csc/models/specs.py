@@ -12,11 +12,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ctrl_csc.nn.solver import ALGORITHMS
+
 from ._common import ACTIVATIONS, NORMS
 
 __all__ = ["CSCStageSpec", "DeconvStageSpec", "parse_stages"]
 
-ALGORITHMS = ("ista", "fista")
 DECODER_KINDS = ("synthesis", "inverse_csc")
 
 
