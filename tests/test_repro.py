@@ -156,6 +156,8 @@ def test_verdicts_follow_their_criteria():
     assert _claim("CSC-CTRL reconstructs")(recon(18.0, 19.8)).startswith("**not reproduced**")
     assert _claim("works on unseen")(recon(20.0, 25.0)).startswith("**reproduced**")
     assert _claim("CSC-CTRL reconstructs")({}) == "incomplete"
+    # ahead of the DCGAN pair but no better than the mean image (12 dB) + 2: not shown
+    assert _claim("CSC-CTRL reconstructs")(recon(13.0, 11.0)).startswith("**not reproduced**")
 
     def seeds(csc_finals, dcgan_finals):
         out = {}

@@ -16,8 +16,10 @@ row continues from its own ``last.pt`` (``trainer.resume=auto``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -198,4 +200,45 @@ def run_suite(
         summary["failed_logs"] += failed
         summary["evaluated"] = [e.name for e in todo_e if evaluated(runs, e)]
     summary["eval_s"] = time.perf_counter() - t0
+    record_invocation(runs, summary)
     return summary
+
+
+def git_revision(where: Path) -> str:
+    """The checkout's commit, marked when tracked files differ from it."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        return rev + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+def record_invocation(runs: Path, summary: dict[str, Any]) -> None:
+    """Append what this invocation ran to ``<runs>/suite.json``: the code's revision, the wall
+    clock and the CPU time of the sweeps (``getrusage`` of the finished child processes)."""
+    path = runs / "suite.json"
+    history = json.loads(path.read_text()) if path.is_file() else []
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    history.append(
+        {
+            "revision": git_revision(Path(__file__).resolve().parent),
+            "trained": summary["trained"],
+            "evaluated": summary["evaluated"],
+            "train_wall_s": summary["train_s"],
+            "eval_wall_s": summary["eval_s"],
+            "cpu_s": usage.ru_utime + usage.ru_stime,
+        }
+    )
+    path.write_text(json.dumps(history, indent=1) + "\n")
