@@ -8,10 +8,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ctrl_csc.cli.common import config_dir, to_container
-from ctrl_csc.cli.guard import UnsafeConfigError
 from ctrl_csc.cli.train import run
 from ctrl_csc.engine import CheckpointError, load_checkpoint, save_checkpoint
 from ctrl_csc.engine.checkpoint import config_fingerprint
+from ctrl_csc.pretrained.guard import UnsafeConfigError
 
 BASE = ["trainer=smoke", "trainer.max_steps=2"]
 MORE = ["trainer=smoke", "trainer.max_steps=3"]

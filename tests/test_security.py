@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from ctrl_csc.cli import evaluate as eval_cli
 from ctrl_csc.cli.common import build_models, config_dir, to_container
-from ctrl_csc.cli.guard import UnsafeConfigError
 from ctrl_csc.engine import CheckpointError, save_checkpoint
 from ctrl_csc.pretrained import PRETRAINED, RELEASE_FORMAT, load_pretrained, read_release
+from ctrl_csc.pretrained.guard import UnsafeConfigError
 
 CONF = Path(config_dir())
 
@@ -209,7 +209,7 @@ def test_every_project_model_config_passes_the_guard_as_user_config_and_as_store
 def test_a_class_of_ones_own_is_built_once_registered():
     import torch
 
-    from ctrl_csc.cli import guard
+    from ctrl_csc.pretrained import guard
 
     class MyEncoder(torch.nn.Module):
         def __init__(self, width: int = 3):

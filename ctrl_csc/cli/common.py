@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import numbers
 import os
 import random
 import signal
@@ -20,9 +19,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Subset
 
-from ctrl_csc.cli.guard import DECODERS, ENCODERS, UnsafeConfigError, checked_entry, plain_config
 from ctrl_csc.engine.checkpoint import CheckpointError
 from ctrl_csc.engine.trainer import NonFiniteObjectiveError
+from ctrl_csc.pretrained.guard import _is_int, build_models, check_model_settings
 
 log = logging.getLogger("ctrl_csc")
 
@@ -125,76 +124,6 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
 
 
-def build_models(
-    model_cfg: DictConfig | dict,
-    device: torch.device | str = "cpu",
-    source: str | None = None,
-) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """``(encoder, decoder)`` from a model config (its ``encoder``/``decoder`` entries).
-
-    Only this project's encoder and decoder classes are built, with keyword arguments checked
-    against their signatures (:mod:`ctrl_csc.cli.guard`). ``source`` names the file a stored
-    config came from (a checkpoint or release): its ``${...}`` interpolations are refused instead
-    of resolved. Without it the config is the user's own Hydra config and is resolved first.
-    """
-    where = source or f"the model config (model={_name_of(model_cfg)})"
-    cfg = plain_config(model_cfg, source)
-    if not isinstance(cfg, dict):
-        raise UnsafeConfigError(f"{where}: the model config is not a mapping")
-    for part in ("encoder", "decoder"):
-        if part not in cfg:
-            raise ValueError(f"the model config has no `{part}` entry (model={cfg.get('name')})")
-    check_model_settings(cfg)
-    built = []
-    for part, allowed in (("encoder", ENCODERS), ("decoder", DECODERS)):
-        cls, kwargs = checked_entry(cfg[part], allowed, f"model.{part}", where)
-        try:
-            module = cls(**kwargs)
-        except TypeError as e:  # a setting of the wrong type deep inside the class
-            raise ValueError(
-                f"model.{part} ({cls.__name__}) of {where} cannot be built: {e}; check the "
-                f"types of the model.{part} settings"
-            ) from None
-        built.append(module.to(device))
-    return built[0], built[1]
-
-
-#: Model settings that are sizes (positive integers) and those that are numbers, by key name.
-_MODEL_SIZES = frozenset(
-    {"in_channels", "out_channels", "channels", "kernel_size", "stride", "n_iter", "image_size",
-     "feature_dim", "hidden_channels", "base_channels"}
-)  # fmt: skip
-_MODEL_NUMBERS = frozenset({"lmbda", "mu", "init_std", "lmbda_relative"})
-
-
-def check_model_settings(cfg: Any, where: str = "model") -> None:
-    """A size that is not a positive integer, or a number that is a string, named by its setting
-    (``model.encoder.stages.0.out_channels``) before any class sees it."""
-    items = (
-        cfg.items() if isinstance(cfg, dict) else enumerate(cfg) if isinstance(cfg, list) else ()
-    )
-    for key, value in items:
-        name = f"{where}.{key}"
-        if isinstance(value, dict | list):
-            check_model_settings(value, name)
-        elif value is None:
-            continue
-        elif key in _MODEL_SIZES and (not _is_int(value) or value < 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}; set {name}=N")
-        elif key in _MODEL_NUMBERS and (
-            isinstance(value, bool) or not isinstance(value, numbers.Real)
-        ):
-            if not (key == "lmbda_relative" and isinstance(value, bool)):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-
-
-def _name_of(model_cfg) -> str:
-    try:
-        return str(model_cfg.get("name"))
-    except Exception:  # noqa: BLE001 - only for the message
-        return "?"
-
-
 def build_datasets(dataset_cfg: DictConfig, splits: tuple[str, ...] = ("train", "test")):
     return tuple(instantiate(dataset_cfg, split=s) for s in splits)
 
@@ -259,10 +188,6 @@ def check_run_dir_arguments(argv: list[str], program: str) -> None:
                 f"choose another with {key}=PATH\n"
             )
             raise SystemExit(EXIT_USER_ERROR)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 #: ``trainer.*`` settings that count something: at least 1, or at least 0 (0 = off / none).

@@ -34,7 +34,6 @@ from ctrl_csc.cli.common import (
     seed_all,
     seeded_subset,
 )
-from ctrl_csc.cli.guard import DATASET_BUILDERS, checked_entry, plain_config
 from ctrl_csc.engine.checkpoint import rng_state, set_rng_state
 from ctrl_csc.engine.distributed import resolve_device
 from ctrl_csc.eval import (
@@ -46,6 +45,7 @@ from ctrl_csc.eval import (
     reconstruction_grid,
 )
 from ctrl_csc.pretrained import load_pretrained
+from ctrl_csc.pretrained.guard import DATASET_BUILDERS, checked_entry, plain_config
 
 log = logging.getLogger("ctrl_csc")
 

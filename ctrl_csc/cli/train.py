@@ -33,7 +33,6 @@ from ctrl_csc.cli.common import (
     submitit_requeues_on_every_signal,
     to_container,
 )
-from ctrl_csc.cli.guard import check_stored_config
 from ctrl_csc.engine import (
     Trainer,
     build_loader,
@@ -42,6 +41,7 @@ from ctrl_csc.engine import (
     teardown_distributed,
 )
 from ctrl_csc.engine.distributed import agree_on_run_dir, rank_seed
+from ctrl_csc.pretrained.guard import check_stored_config
 
 log = logging.getLogger("ctrl_csc")
 

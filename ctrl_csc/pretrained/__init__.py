@@ -8,9 +8,9 @@ Release format (``*.safetensors``): the tensors of both players under ``encoder.
 * ``metrics``: the run's final metrics as JSON.
 
 safetensors holds raw tensors only, so loading executes nothing, and the stored config builds
-only this project's model classes (:mod:`ctrl_csc.cli.guard`: any other ``_target_``, Hydra key
-or ``${...}`` interpolation in the file is refused before anything is built). ``load_pretrained``
-also accepts a training checkpoint (``checkpoints/last.pt``), read with
+only this project's model classes (:mod:`ctrl_csc.pretrained.guard`: any other ``_target_``,
+Hydra key or ``${...}`` interpolation in the file is refused before anything is built).
+``load_pretrained`` also accepts a training checkpoint (``checkpoints/last.pt``), read with
 ``torch.load(weights_only=True)``.
 """
 
@@ -108,8 +108,7 @@ def load_pretrained(
         ``(model, config)``: an :class:`~ctrl_csc.models.Autoencoder` (``.encoder``,
         ``.decoder``; ``model(x)`` gives ``(z, x̂)``) in eval mode and the run's resolved config.
     """
-    from ctrl_csc.cli.common import build_models
-    from ctrl_csc.cli.guard import check_stored_config
+    from ctrl_csc.pretrained.guard import build_models, check_stored_config
 
     name = str(path_or_name)
     path = PRETRAINED.get(name, Path(name))
