@@ -205,7 +205,8 @@ def test_smoke_suite_end_to_end(tmp_path):
     for e in evaluations(suite):
         assert json.loads((runs / "eval" / e.name / "eval.json").read_text())["psnr"] > 0
     readme = (out / "README.md").read_text()
-    assert "Smoke run" in readme and "Revision:" in readme and "Machine:" in readme
+    assert "Smoke run" in readme and "Tables written at revision" in readme and "Machine:" in readme
+    assert "runs trained and evaluated at" in readme  # from suite.json
     for claim in CLAIMS:
         assert claim.claim in readme
     assert "incomplete" not in readme
