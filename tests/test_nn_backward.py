@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 import pytest
 import torch
@@ -18,48 +16,10 @@ import torch.nn.functional as F
 
 from ctrl_csc.models import CSCDecoder, CSCEncoder
 from ctrl_csc.nn import CSCLayer, SparseDeconvLayer
+from ctrl_csc.nn.saved import SavedBytes
 from ctrl_csc.nn.solver import compile_available
 
 F64 = torch.float64
-
-
-class SavedBytes:
-    """Bytes of the distinct storages held for backward (``saved_tensors_hooks``): ``live`` now,
-    ``peak`` the most at any time (including what a replay in backward saves)."""
-
-    class _Holder:
-        def __init__(self, t):
-            self.t = t
-
-    def __init__(self):
-        self.refs: dict[int, int] = {}
-        self.live = 0
-        self.peak = 0
-
-    def _release(self, key, nbytes):
-        self.refs[key] -= 1
-        if self.refs[key] == 0:
-            del self.refs[key]
-            self.live -= nbytes
-
-    def pack(self, t):
-        st = t.untyped_storage()
-        key, nbytes = st.data_ptr(), st.nbytes()
-        if key not in self.refs:
-            self.refs[key] = 0
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-        self.refs[key] += 1
-        holder = self._Holder(t)
-        weakref.finalize(holder, self._release, key, nbytes)
-        return holder
-
-    @staticmethod
-    def unpack(holder):
-        return holder.t
-
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
 
 def _loss_weights(z):
