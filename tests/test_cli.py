@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from torchrun_helpers import free_port, train_rank
+from torchrun_helpers import sgd_overrides, spawn_ranks
 
 from ctrl_csc.cli.common import build_models, check_writable, config_dir
 from ctrl_csc.cli.train import run
@@ -232,20 +232,6 @@ def test_wheel_ships_the_configs(tmp_path):
     assert Path(where).is_relative_to(tmp_path / "site") and model == "csc_ctrl_mini"
 
 
-def sgd(lr):
-    """Plain SGD for both players: an update is lr × the gradient, so a gradient off by a factor
-    (a missing or doubled average over ranks) shows in the weights (Adam would normalise it)."""
-    return [
-        item
-        for part in ("encoder", "decoder")
-        for item in (
-            f"optim.{part}._target_=torch.optim.SGD",
-            f"~optim.{part}.betas",
-            f"optim.{part}.lr={lr}",
-        )
-    ]
-
-
 def trained_weights(run_dir):
     models = load_checkpoint(run_dir / "checkpoints" / "last.pt")["models"]
     return {part: models[part] for part in ("encoder", "decoder")}
@@ -265,17 +251,11 @@ def test_two_processes_make_the_one_process_updates(tmp_path):
         "++model.decoder.norm_groups=1",
         "optim.lr_decay=none",
     ]
-    run(cfg_of([*common, *sgd(0.0), "trainer.max_steps=1"]), tmp_path / "init")
-    single = cfg_of([*common, *sgd(1e-3), "trainer.batch_size=16"])
+    run(cfg_of([*common, *sgd_overrides(0.0), "trainer.max_steps=1"]), tmp_path / "init")
+    single = cfg_of([*common, *sgd_overrides(1e-3), "trainer.batch_size=16"])
     run(single, tmp_path / "one")
-    double = cfg_of([*common, *sgd(1e-3), "trainer.batch_size=8"])
-    torch.multiprocessing.start_processes(
-        train_rank,
-        args=(2, free_port(), double, [tmp_path / "two"] * 2),
-        nprocs=2,
-        join=True,
-        start_method="spawn",
-    )
+    double = cfg_of([*common, *sgd_overrides(1e-3), "trainer.batch_size=8"])
+    spawn_ranks(double, [tmp_path / "two"] * 2)
 
     def objective(d):  # the total and the classwise term (which needs the gathered labels)
         rows = [json.loads(r) for r in (d / "metrics.jsonl").read_text().splitlines()]
