@@ -150,57 +150,61 @@ METRIC_HEADER = [
 ]
 
 
-def reconstruction_table(results: dict[str, Result]) -> str:
+def _per_data_kind(results, header, row_of, extra=None) -> str:
+    """One table per data kind: a row per family whose run ``row_of(label, result)`` turns into
+    cells (``None``: left out), then the rows ``extra(data)`` adds."""
     text = ""
     for data in ("mnist", "photos"):
         body = []
         for family in FAMILIES:
             r = results.get(f"{family}_{data}")
-            if r is not None:
-                body.append([FAMILY_LABELS[family], _f(r.params), *_metric_cells(r)])
-        mean = _mean_image(results, data)
-        if mean is not None:
-            body.append(["*mean training image*", "–", _f(mean), *["–"] * 5])
-        text += f"\n### {DATA_LABELS[data]}\n\n" + _table(
-            ["model", "parameters", *METRIC_HEADER], body
-        )
+            cells = None if r is None else row_of(FAMILY_LABELS[family], r)
+            if cells is not None:
+                body.append(cells)
+        body += extra(data) if extra else []
+        text += f"\n### {DATA_LABELS[data]}\n\n" + _table(header, body)
     return text
+
+
+def reconstruction_table(results: dict[str, Result]) -> str:
+    def mean_image(data):
+        mean = _mean_image(results, data)
+        return [] if mean is None else [["*mean training image*", "–", _f(mean), *["–"] * 5]]
+
+    return _per_data_kind(
+        results,
+        ["model", "parameters", *METRIC_HEADER],
+        lambda label, r: [label, _f(r.params), *_metric_cells(r)],
+        mean_image,
+    )
 
 
 def unseen_table(results: dict[str, Result]) -> str:
-    text = ""
-    for data in ("mnist", "photos"):
-        body = []
-        for family in FAMILIES:
-            r = results.get(f"{family}_{data}")
-            if r is None or r.unseen is None:
-                continue
-            seen, unseen = r.test.get("psnr"), r.unseen.get("psnr")
-            drop = seen - unseen if seen is not None and unseen is not None else None
-            body.append(
-                [
-                    FAMILY_LABELS[family],
-                    r.unseen.get("dataset", "?"),
-                    _f(seen),
-                    _f(unseen),
-                    _f(drop),
-                    _f(r.test.get("ssim"), 3),
-                    _f(r.unseen.get("ssim"), 3),
-                ]
-            )
-        text += f"\n### {DATA_LABELS[data]}\n\n" + _table(
-            [
-                "model",
-                "unseen set",
-                "PSNR seen",
-                "PSNR unseen",
-                "drop (dB)",
-                "SSIM seen",
-                "SSIM unseen",
-            ],
-            body,
-        )
-    return text
+    def row_of(label, r):
+        if r.unseen is None:
+            return None
+        seen, unseen = r.test.get("psnr"), r.unseen.get("psnr")
+        drop = seen - unseen if seen is not None and unseen is not None else None
+        return [
+            label,
+            r.unseen.get("dataset", "?"),
+            _f(seen),
+            _f(unseen),
+            _f(drop),
+            _f(r.test.get("ssim"), 3),
+            _f(r.unseen.get("ssim"), 3),
+        ]
+
+    header = [
+        "model",
+        "unseen set",
+        "PSNR seen",
+        "PSNR unseen",
+        "drop (dB)",
+        "SSIM seen",
+        "SSIM unseen",
+    ]
+    return _per_data_kind(results, header, row_of)
 
 
 def ablation_table(results: dict[str, Result], group: str) -> str:
