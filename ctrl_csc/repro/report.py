@@ -345,21 +345,16 @@ def _v_reconstruct(results):
 
 
 def _v_autoencoders(results):
-    parts = []
+    gaps = {}
     for d in ("mnist", "photos"):
         csc = _psnr(results, f"csc_ctrl_{d}")
         aes = [_psnr(results, f"{f}_{d}") for f in ("conv_ae", "sparse_ae", "denoising_ae")]
         if csc is None or None in aes:
             return "incomplete"
-        parts.append(f"{d}: {csc - max(aes):+.2f} dB")
-    gaps = [float(p.split(": ")[1].split()[0]) for p in parts]
-    ok = all(g >= -1.0 for g in gaps)
-    return (
-        ("**reproduced**" if ok else "**not reproduced**")
-        + " (CSC − best AE: "
-        + ", ".join(parts)
-        + ")"
-    )
+        gaps[d] = csc - max(aes)
+    ok = all(g >= -1.0 for g in gaps.values())
+    text = ", ".join(f"{d}: {g:+.2f} dB" for d, g in gaps.items())
+    return ("**reproduced**" if ok else "**not reproduced**") + f" (CSC − best AE: {text})"
 
 
 def _v_unseen(results):
