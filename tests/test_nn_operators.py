@@ -109,6 +109,30 @@ def test_lipschitz_tracks_dictionary_changes_in_eval():
     assert after != before
 
 
+
+def test_eval_reuses_the_estimate_until_the_weight_changes(monkeypatch):
+    import ctrl_csc.nn.solver as solver_module
+
+    calls = []
+    real = solver_module.power_iteration
+    monkeypatch.setattr(
+        solver_module, "power_iteration", lambda *a: calls.append(a[-1]) or real(*a)
+    )
+    layer = CSCLayer(2, 3, 3, init_power_iters=7).eval()
+    x = torch.randn(1, 2, 6, 6)
+    layer(x)
+    layer(x)
+    assert calls == [7]  # the second forward reuses the estimate
+    other = CSCLayer(2, 3, 3)
+    layer.load_state_dict(other.state_dict())  # new values, same tensor objects and sizes
+    layer(x)
+    layer(x)
+    assert calls == [7, 7]
+    with torch.no_grad():
+        layer.weight.copy_(layer.weight.clone())  # written in place but equal: nothing to redo
+    layer(x)
+    assert calls == [7, 7]
+
 def test_training_mode_refreshes_each_forward_and_not_through_autograd():
     layer = CSCLayer(2, 3, 3, power_iters=1, init_power_iters=2)
     x = torch.randn(2, 2, 8, 8)

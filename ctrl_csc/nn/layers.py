@@ -292,7 +292,7 @@ class CSCLayer(nn.Module):
         """Sparse code of ``x``: ``(N, C_in, H, W) → (N, C_out, h, w)``."""
         _check_input(x, self.in_channels, "CSCLayer", "input")
         size = (x.shape[-2], x.shape[-1])
-        return self.solver(x, self.operator(size), self.code_size(size), self.weight._version)
+        return self.solver(x, self.operator(size), self.code_size(size))
 
     def objective_trace(self, x: Tensor) -> Tensor:
         """Per-iteration Lasso objective ``½‖x − Dz_t‖² + λ‖z_t‖₁ + μ/2‖z_t‖²``.
@@ -307,7 +307,7 @@ class CSCLayer(nn.Module):
         size = (x.shape[-2], x.shape[-1])
         with torch.no_grad():
             op = self.operator(size)
-        return self.solver.objective_trace(x, op, self.code_size(size), self.weight._version)
+        return self.solver.objective_trace(x, op, self.code_size(size))
 
     def lipschitz(self, input_size: Sequence[int] | None = None) -> Tensor:
         """Current estimate of ``L = ‖DᵀD‖₂`` (0-dim, detached).
@@ -321,7 +321,7 @@ class CSCLayer(nn.Module):
             with torch.no_grad():
                 op = self.operator(size)
             self.solver.update_lipschitz(
-                op, self.code_size(size), size, self.weight._version, refresh=False
+                op, self.code_size(size), size, refresh=False
             )
         return self.solver.lipschitz()
 
@@ -488,7 +488,7 @@ class SparseDeconvLayer(nn.Module):
         op = self.operator(coarse, fine)
         if self.solver is None:
             return op.apply(z)
-        return self.solver(z, op, fine, self.weight._version)
+        return self.solver(z, op, fine)
 
     def _require_solver(self, what: str) -> UnrolledLasso:
         if self.solver is None:
@@ -507,7 +507,7 @@ class SparseDeconvLayer(nn.Module):
         fine = self.default_output_size(coarse) if output_size is None else tuple(output_size)
         with torch.no_grad():
             op = self.operator(coarse, fine)
-        return solver.objective_trace(z, op, fine, self.weight._version)
+        return solver.objective_trace(z, op, fine)
 
     def lipschitz(
         self, input_size: Sequence[int] | None = None, output_size: Sequence[int] | None = None
@@ -525,7 +525,7 @@ class SparseDeconvLayer(nn.Module):
             fine = (int(fine[0]), int(fine[1]))
             with torch.no_grad():
                 op = self.operator(coarse, fine)
-            solver.update_lipschitz(op, fine, coarse, self.weight._version, refresh=False)
+            solver.update_lipschitz(op, fine, coarse, refresh=False)
         return solver.lipschitz()
 
     def density(self) -> Tensor | None:

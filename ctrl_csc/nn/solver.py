@@ -715,9 +715,10 @@ class UnrolledLasso(nn.Module):
     * from a fixed pseudo-random start with ``init_power_iters`` steps when the spatial sizes
       change (or at first use);
     * in training mode, ``power_iters`` further steps on every forward;
-    * in eval mode, ``init_power_iters`` warm steps only when the dictionary was modified since
-      the last estimate (tracked by the weight's in-place version counter, e.g. after an
-      optimiser step or ``load_state_dict``); otherwise the cached value is used.
+    * in eval mode, ``init_power_iters`` warm steps only when the operator's weight differs
+      from the one of the last estimate (a detached copy of it is kept and compared by value, so
+      an optimiser step, ``load_state_dict`` or any in-place edit is noticed); otherwise the
+      cached value is used.
 
     The vector, ``L`` and the sizes they belong to are buffers in the state dict (loadable into
     a module that has seen other sizes, or none).
@@ -793,7 +794,7 @@ class UnrolledLasso(nn.Module):
         self.register_buffer("lipschitz_estimate", torch.zeros(()))
         self.register_buffer("lipschitz_shape", torch.zeros(4, dtype=torch.long))
         self._lip_key: tuple[int, ...] | None = None  # mirrors lipschitz_shape (no device sync)
-        self._lip_version: int | None = None  # weight version the estimate belongs to
+        self._lip_weight: Tensor | None = None  # the operator weight the estimate belongs to
         self._last_code: Tensor | None = None
 
     # ---- parameters -------------------------------------------------------------------------
@@ -823,7 +824,6 @@ class UnrolledLasso(nn.Module):
         operator: StridedConv,
         unknown_size: tuple[int, int],
         data_size: tuple[int, int],
-        weight_version: int | None,
         refresh: bool,
     ) -> None:
         """Bring the estimate of ``‖AᵀA‖₂`` up to date (see the class docstring).
@@ -831,7 +831,6 @@ class UnrolledLasso(nn.Module):
         Args:
             operator: ``A`` for these sizes (its weight is detached here).
             unknown_size: spatial size of the unknown, data_size: of the data.
-            weight_version: the dictionary parameter's ``_version`` (``None``: always stale).
             refresh: run ``power_iters`` steps (training mode).
         """
         key = (*data_size, *unknown_size)
@@ -842,7 +841,7 @@ class UnrolledLasso(nn.Module):
             v0 = self.power_vector.to(dtype=weight.dtype)
             if refresh:
                 n = self.power_iters
-            elif weight_version is None or weight_version != self._lip_version:
+            elif not self._estimated_for(weight):
                 n = self.init_power_iters
             else:
                 n = 0
@@ -857,7 +856,16 @@ class UnrolledLasso(nn.Module):
         if key != self._lip_key:
             self.lipschitz_shape = torch.tensor(key, dtype=torch.long, device=weight.device)
             self._lip_key = key
-        self._lip_version = weight_version
+        self._lip_weight = weight.detach().clone()
+
+    def _estimated_for(self, weight: Tensor) -> bool:
+        """Whether the current estimate was made for exactly this operator weight."""
+        last = self._lip_weight
+        return (
+            last is not None
+            and (last.shape, last.dtype, last.device) == (weight.shape, weight.dtype, weight.device)
+            and torch.equal(last, weight.detach())
+        )
 
     def lipschitz(self) -> Tensor:
         """The current estimate of ``L`` (0-dim, detached) for the last sizes seen."""
@@ -879,7 +887,6 @@ class UnrolledLasso(nn.Module):
         u: Tensor,
         operator: StridedConv,
         unknown_size: tuple[int, int],
-        weight_version: int | None = None,
     ) -> Tensor:
         """Solve for the code of ``u``.
 
@@ -887,13 +894,12 @@ class UnrolledLasso(nn.Module):
             u: data ``(N, C_u, H_u, W_u)``.
             operator: ``A``, mapping the unknown ``(N, channels, *unknown_size)`` to data.
             unknown_size: spatial size of the unknown.
-            weight_version: see :meth:`update_lipschitz`.
 
         Returns:
             ``(N, channels, *unknown_size)``.
         """
         data_size = (u.shape[-2], u.shape[-1])
-        self.update_lipschitz(operator, unknown_size, data_size, weight_version, self.training)
+        self.update_lipschitz(operator, unknown_size, data_size, self.training)
         z = unrolled_lasso(
             u, operator, self.step_size(), self.lmbda, self.mu, self.n_iter, self.algorithm,
             self.nonnegative, lmbda_relative=self.lmbda_relative, backward=self.backward,
@@ -930,7 +936,6 @@ class UnrolledLasso(nn.Module):
         u: Tensor,
         operator: StridedConv,
         unknown_size: tuple[int, int],
-        weight_version: int | None = None,
     ) -> Tensor:
         """Lasso objective after each iteration, with the step size ``forward`` uses.
 
@@ -940,7 +945,7 @@ class UnrolledLasso(nn.Module):
             ``(n_iter + 1, N)``: row 0 is ``x₀ = 0``, row ``t`` is ``x_t``.
         """
         data_size = (u.shape[-2], u.shape[-1])
-        self.update_lipschitz(operator, unknown_size, data_size, weight_version, refresh=False)
+        self.update_lipschitz(operator, unknown_size, data_size, refresh=False)
         lmbda = self.effective_lmbda(u, operator)
         zero = u.new_zeros((u.shape[0], self.channels, *unknown_size))
         rows = [lasso_objective(u, zero, operator, lmbda, self.mu)]
@@ -980,7 +985,7 @@ class UnrolledLasso(nn.Module):
         )
         shape = tuple(int(s) for s in self.lipschitz_shape.tolist())
         self._lip_key = shape if len(shape) == 4 and any(shape) else None
-        self._lip_version = None  # re-checked (warm) before the next evaluation
+        self._lip_weight = None  # re-checked (warm) before the next evaluation
 
     def extra_repr(self) -> str:
         lmbda = "learned" if self.raw_lmbda is not None else self._fixed_lmbda
