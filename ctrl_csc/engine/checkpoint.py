@@ -1,13 +1,19 @@
 """Checkpoints: one file, written atomically, loaded without unpickling arbitrary objects.
 
-A checkpoint is a plain dictionary saved with ``torch.save``::
+A checkpoint is a plain dictionary saved with ``torch.save`` (the trainer's ``state_dict``)::
 
-    {"format": "ctrl_csc.checkpoint/1", "step": int, "epoch": int,
+    {"format": "ctrl_csc.checkpoint/1", "step": int,   # optimiser steps taken
      "models": {"encoder": state_dict, "decoder": state_dict},
      "optimizers": {name: state_dict}, "schedulers": {name: state_dict},
+     "scaler": {...},          # the AMP grad scaler's state ({} when it is disabled)
      "rng": {"torch": ByteTensor, "numpy": {...}, "python": [...], "cuda": [ByteTensor, ...]},
+     "rng_ranks": [rng, ...],  # under torchrun only: every rank's "rng", by rank
      "config": {...},          # the resolved run configuration, plain containers only
+     "fingerprint": str,       # config_fingerprint(config)
      "metrics": {...}}         # last logged values, plain floats
+
+There is no epoch key: a resumed run derives its epoch and its position inside it from ``step``
+and the number of batches per epoch.
 
 It is read with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, tuples and
 dicts only, so a file carrying a pickled object payload is refused instead of executed.
