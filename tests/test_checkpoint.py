@@ -1,4 +1,4 @@
-"""The checkpoint layout documented in ctrl_csc/engine/checkpoint.py is the one the trainer writes."""
+"""The checkpoint layout documented in engine/checkpoint.py is the one the trainer writes."""
 
 import re
 
