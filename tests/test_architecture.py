@@ -8,6 +8,7 @@ still a cycle for a reader) — so nothing is executed.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 # What each layer (a subpackage of ctrl_csc) may import besides itself. Lowest first: the math
 # (nn, losses) and the data; models on nn; eval measures models; the engine runs the game;
 # pretrained builds released models; the command line puts them together; repro runs the
-# command line's experiments. "entry" is the top-level modules (ctrl_csc/__init__.py, train.py,
-# evaluate.py): thin shims over the console scripts and the Python API.
+# command line's experiments. "entry" is the package itself (ctrl_csc/__init__.py: the Python
+# API's load_pretrained); there are no other top-level modules: the ways in are the console
+# scripts and ``python -m ctrl_csc.cli.train`` / ``ctrl_csc.cli.evaluate`` (test below).
 ALLOWED: dict[str, set[str]] = {
     "nn": set(),
     "losses": set(),
@@ -77,9 +79,7 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
 
 def layer(name: str) -> str:
     parts = name.split(".")
-    if len(parts) == 1 or (len(parts) == 2 and (ROOT / f"{parts[1]}.py").is_file()):
-        return "entry"
-    return parts[1]
+    return "entry" if len(parts) == 1 else parts[1]
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,24 @@ def graph() -> dict[str, set[str]]:
 
 def test_every_layer_is_listed(graph):
     assert {layer(m) for m in graph} <= set(ALLOWED)
+
+
+def test_the_ways_in_are_the_console_scripts_and_the_cli_modules():
+    # one home per command: no top-level module beside the package's __init__ (a file
+    # ctrl_csc/<name>.py would be a second name for a cli/ module, as train.py/evaluate.py were)
+    assert sorted(p.name for p in ROOT.glob("*.py")) == ["__init__.py"]
+    pyproject = (ROOT.parent / "pyproject.toml").read_text()  # (no tomllib on Python 3.10)
+    section = pyproject.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    scripts = dict(re.findall(r'^([\w-]+)\s*=\s*"([^"]+)"', section, flags=re.M))
+    assert scripts == {
+        "ctrl-csc-train": "ctrl_csc.cli.train:main",
+        "ctrl-csc-eval": "ctrl_csc.cli.evaluate:main",
+        "ctrl-csc-repro": "ctrl_csc.repro.__main__:main",
+    }
+    for command in ("train", "evaluate"):  # python -m ctrl_csc.cli.<command> runs main()
+        tree = ast.parse((ROOT / "cli" / f"{command}.py").read_text())
+        guards = [ast.unparse(n) for n in tree.body if isinstance(n, ast.If)]
+        assert "if __name__ == '__main__':\n    main()" in guards, command
 
 
 def test_no_import_points_up_the_layers(graph):

@@ -149,7 +149,7 @@ def test_resume_auto_continues_the_same_run(tmp_path):
 
 def cli(*args, cwd=REPO, timeout=300):
     out = subprocess.run(
-        [sys.executable, "-m", "ctrl_csc.train", *args],
+        [sys.executable, "-m", "ctrl_csc.cli.train", *args],
         cwd=cwd,
         env=ENV,
         capture_output=True,

@@ -563,7 +563,7 @@ def test_the_installed_commands_print_one_message_and_exit_2(files, tmp_path):
     """The same answer from a fresh interpreter, through ``python -m`` (what the console scripts
     run): a refused resume, and an unwritable run directory that Hydra would have failed on."""
     out = _cli(
-        "ctrl_csc.train",
+        "ctrl_csc.cli.train",
         *SMOKE,
         f"trainer.resume={files['ckpt']}",
         "seed=7",

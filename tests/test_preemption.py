@@ -38,7 +38,7 @@ def test_sigterm_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path):
     out = tmp_path / "job"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ctrl_csc.train", *OVERRIDES, f"hydra.run.dir={out}"],
+        [sys.executable, "-m", "ctrl_csc.cli.train", *OVERRIDES, f"hydra.run.dir={out}"],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

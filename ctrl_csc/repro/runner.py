@@ -3,7 +3,8 @@
 Each row becomes a config file ``<runs>/configs/train/repro/<row>.yaml`` (``# @package _global_``,
 the group choices as ``override`` entries, the values below) and the training is one multirun,
 
-    python -m ctrl_csc.train -m +repro=ROW1,ROW2,... hydra.searchpath=[file://<runs>/configs/train]
+    python -m ctrl_csc.cli.train -m +repro=ROW1,ROW2,...
+        hydra.searchpath=[file://<runs>/configs/train]
         hydra.sweep.dir=<runs> hydra.sweep.subdir=<row>
 
 so every run is an ordinary Hydra job with its own directory ``<runs>/<row>/`` that any launcher
@@ -169,7 +170,7 @@ def run_suite(
         groups = shards([r.name for r in todo], [estimated_cost(r, scale) for r in todo], n_shards)
         overrides = [*launch, *train_overrides]
         failed = _run_sweeps(
-            "ctrl_csc.train", groups, train_root, runs, overrides, runs / "logs", "train"
+            "ctrl_csc.cli.train", groups, train_root, runs, overrides, runs / "logs", "train"
         )
         summary["failed_logs"] += failed
         summary["trained"] = [r.name for r in todo if trained(runs, r)]
@@ -189,7 +190,7 @@ def run_suite(
         log.info("evaluating %d checkpoints", len(todo_e))
         groups = shards([e.name for e in todo_e], [1.0] * len(todo_e), n_shards)
         failed = _run_sweeps(
-            "ctrl_csc.evaluate",
+            "ctrl_csc.cli.evaluate",
             groups,
             eval_root,
             runs / "eval",
