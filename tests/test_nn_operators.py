@@ -167,20 +167,21 @@ def test_error_messages():
     with pytest.raises(ValueError, match="kind"):
         SparseDeconvLayer(4, 3, 3, kind="deconv")
     with pytest.raises(ValueError, match="inverse_csc"):
-        SparseDeconvLayer(4, 3, 3, learn_lmbda=True)
+        SparseDeconvLayer(4, 3, 3, kind="synthesis", learn_lmbda=True)
     deconv = SparseDeconvLayer(4, 3, 3, stride=2, kind="inverse_csc")
     with pytest.raises(ValueError, match=r"\(N, 4, H, W\)"):
         deconv(torch.randn(1, 3, 4, 4))
     with pytest.raises(ValueError, match="output_padding"):
         deconv(torch.randn(1, 4, 4, 4), output_size=(9, 8))  # 4 -> 7..8 only
     with pytest.raises(ValueError, match="output_padding"):
-        SparseDeconvLayer(4, 3, 4, stride=2)(torch.randn(1, 4, 4, 4))  # even k, p = k // 2
+        even_k = SparseDeconvLayer(4, 3, 4, stride=2, kind="synthesis")  # p = k // 2
+        even_k(torch.randn(1, 4, 4, 4))
     with pytest.raises(ValueError, match="output size"):
         layer.synthesize(torch.randn(1, 4, 8, 8), (9, 8))
     with pytest.raises(RuntimeError, match="forward"):
         CSCLayer(3, 4, 3).lipschitz()
     with pytest.raises(ValueError, match="inverse_csc"):
-        SparseDeconvLayer(4, 3, 3).lipschitz()
+        SparseDeconvLayer(4, 3, 3, kind="synthesis").lipschitz()
 
 
 def test_even_kernel_with_suitable_padding_upsamples_exactly():
@@ -248,8 +249,8 @@ def test_density():
     deconv = SparseDeconvLayer(8, 3, 3, kind="inverse_csc", lmbda=0.2)
     v = deconv(z)
     assert float(deconv.density()) == pytest.approx(float((v != 0).float().mean()))
-    assert SparseDeconvLayer(8, 3, 3)(z).shape == (4, 3, 8, 8)
-    assert SparseDeconvLayer(8, 3, 3).density() is None
+    assert SparseDeconvLayer(8, 3, 3, kind="synthesis")(z).shape == (4, 3, 8, 8)
+    assert SparseDeconvLayer(8, 3, 3, kind="synthesis").density() is None
 
 
 def test_normalized_atoms_and_float32():

@@ -1,6 +1,7 @@
-"""Pure-torch layers of CSC-CTRL: CSC and sparse deconvolution stages, prox operators, solver."""
+"""Pure-torch layers of CSC-CTRL: CSC and sparse deconvolution stages, their geometry and options
+(:mod:`ctrl_csc.nn.stage`), prox operators, solver."""
 
-from .layers import CSCLayer, SparseDeconvLayer, conv_output_size, transposed_output_padding
+from .layers import CSCLayer, SparseDeconvLayer
 from .noise import add_noise
 from .prox import prox_elastic_net, shrink
 from .solver import (
@@ -10,13 +11,23 @@ from .solver import (
     power_iteration,
     unrolled_lasso,
 )
+from .stage import (
+    DecoderStageOptions,
+    EncoderStageOptions,
+    code_size,
+    conv_output_size,
+    transposed_output_padding,
+)
 
 __all__ = [
     "CSCLayer",
+    "DecoderStageOptions",
+    "EncoderStageOptions",
     "SparseDeconvLayer",
     "StridedConv",
     "UnrolledLasso",
     "add_noise",
+    "code_size",
     "conv_output_size",
     "lasso_objective",
     "power_iteration",

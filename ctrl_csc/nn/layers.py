@@ -19,63 +19,38 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .solver import StridedConv, UnrolledLasso, check_solver_options
+from .solver import StridedConv, UnrolledLasso
+from .stage import (
+    DecoderStageOptions,
+    EncoderStageOptions,
+    StageOptions,
+    check_channels,
+    check_options,
+    check_relations,
+    code_size,
+    conv_output_size,
+    default_padding,
+    transposed_output_padding,
+    upsampled_size,
+)
 
 __all__ = ["CSCLayer", "SparseDeconvLayer", "conv_output_size", "transposed_output_padding"]
 
-KINDS = ("synthesis", "inverse_csc")
 _NORM_EPS = 1e-12
+#: The defaults of the layers' options: the one table in :mod:`ctrl_csc.nn.stage`.
+_ENC = EncoderStageOptions()
+_DEC = DecoderStageOptions()
 
 
-def conv_output_size(size: int, kernel_size: int, stride: int, padding: int) -> int:
-    """``conv2d`` output length ``⌊(size + 2p − k)/s⌋ + 1`` (may be ``≤ 0`` for tiny inputs)."""
-    return (size + 2 * padding - kernel_size) // stride + 1
-
-
-def transposed_output_padding(
-    coarse: Sequence[int],
-    fine: Sequence[int],
-    kernel_size: int,
-    stride: int,
-    padding: int,
-    owner: str,
-) -> tuple[int, int]:
-    """``output_padding`` making ``conv_transpose2d`` map ``coarse`` exactly onto ``fine``.
-
-    ``conv_transpose2d`` returns ``(h − 1)s − 2p + k + o`` with ``0 ≤ o < s``; this is also the
-    condition for ``conv2d`` to map ``fine`` back onto ``coarse``, so the two are adjoint.
-
-    Raises:
-        ValueError: naming the sizes and settings when no valid ``o`` exists.
-    """
-    pads = []
-    for c, f in zip(coarse, fine):
-        low = (c - 1) * stride - 2 * padding + kernel_size
-        o = f - low
-        if not 0 <= o < stride:
-            raise ValueError(
-                f"{owner}: a ({tuple(coarse)[0]}, {tuple(coarse)[1]}) code cannot be mapped to "
-                f"output size ({tuple(fine)[0]}, {tuple(fine)[1]}) with kernel_size="
-                f"{kernel_size}, stride={stride}, padding={padding}: a code of length {c} "
-                f"reaches lengths {low}..{low + stride - 1} (output_padding would be {o}; it "
-                f"must lie in [0, stride)). Change output_size, padding or the code size."
-            )
-        pads.append(o)
-    return (pads[0], pads[1])
-
-
-def _check_geometry(
-    in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int, owner: str
+def _check_stage(
+    owner: str, in_channels: int, out_channels: int, table: StageOptions, arguments: dict
 ) -> None:
-    for name, value, low in (
-        ("in_channels", in_channels, 1),
-        ("out_channels", out_channels, 1),
-        ("kernel_size", kernel_size, 1),
-        ("stride", stride, 1),
-        ("padding", padding, 0),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{owner}: {name} must be an integer >= {low}, got {value!r}")
+    """The checks of :mod:`ctrl_csc.nn.stage` on a layer's arguments (its ``locals()``)."""
+    check_channels(in_channels, f"{owner}: in_channels")
+    check_channels(out_channels, f"{owner}: out_channels")
+    options = {name: arguments[name] for name in table.option_names()}
+    check_options(options, f"{owner}: ")
+    check_relations(options, f"{owner}: ")
 
 
 def _check_input(x: Tensor, channels: int, owner: str, what: str) -> None:
@@ -91,14 +66,6 @@ def _normalize(weight: Tensor, dims: tuple[int, ...]) -> Tensor:
     """``weight`` with each slice over ``dims`` scaled to unit Euclidean norm (differentiable)."""
     norms = torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
     return weight / norms.clamp_min(_NORM_EPS)
-
-
-def _check_init_std(init_std: float | None, owner: str) -> float | None:
-    if init_std is None:
-        return None
-    if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not init_std > 0:
-        raise ValueError(f"{owner}: init_std must be a number > 0 or null, got {init_std!r}")
-    return float(init_std)
 
 
 def _init_atoms(weight: Tensor, dims: tuple[int, ...], init_std: float | None) -> None:
@@ -126,36 +93,11 @@ class CSCLayer(nn.Module):
     Args:
         in_channels: channels ``C_in`` of the input signal.
         out_channels: number of atoms ``C_out`` (code channels).
-        kernel_size: atom size ``k``.
-        stride: ``s`` (1 keeps the resolution, 2 halves it).
-        padding: ``p``; ``None`` means ``k // 2``.
-        lmbda: ℓ1 weight ``λ ≥ 0``.
-        mu: ℓ2 (elastic-net) weight ``μ ≥ 0``.
-        n_iter: unrolled iterations ``T ≥ 1``.
-        algorithm: ``"ista"`` or ``"fista"``.
-        nonnegative: constrain the code to ``z ≥ 0``.
-        normalize_atoms: use ``A[j]/‖A[j]‖`` (on the fly, differentiably) as atoms.
-        learn_lmbda: learn ``λ`` (as ``softplus(ρ)``, needs ``lmbda > 0``).
-        learn_step: learn a multiplier on ``η``, bounded so the iterations still converge.
-        power_iters: power-iteration steps per training forward (``≥ 0``).
-        init_power_iters: power-iteration steps at a new input size / before evaluation.
-        lmbda_relative: ``lmbda`` is a fraction ``ρ < 1`` of each sample's
-            ``λ_max = ‖Dᵀx‖_∞`` (``max(Dᵀx)`` for non-negative codes), the smallest λ giving
-            the zero code: ``λ = ρ·λ_max`` means the same at every stage and input scale.
-        init_std: ``None``: the stored atoms start at unit norm; a number: their entries start
-            i.i.d. ``N(0, init_std²)``. With ``normalize_atoms`` the operators use unit-norm
-            atoms either way, and the stored scale only sets how fast an optimiser that steps
-            each entry by about its learning rate (Adam) turns the atoms: unit-norm storage turns
-            an atom of ``n`` entries ``∝ √n`` times faster, so small first-stage atoms (``n =
-            C·k²``, e.g. 16) barely move while large later ones do; one ``init_std`` for every
-            stage gives each the same speed.
-        backward: how gradients go through the solver: ``"unrolled"`` (through every
-            iteration; saved memory grows with ``T``), ``"checkpoint"`` (the same gradients,
-            iterations replayed in backward, ``O(√T)`` saved codes) or ``"implicit"`` (the
-            gradient of the converged Lasso solution through its support, constant memory;
-            refuses ``learn_step``). See :mod:`ctrl_csc.nn.solver`.
-        compile: fuse each iteration's elementwise work with ``torch.compile`` (eager, with a
-            warning, where compile cannot run).
+        kernel_size, stride, padding, lmbda, mu, n_iter, algorithm, nonnegative,
+        normalize_atoms, learn_lmbda, learn_step, power_iters, init_power_iters, lmbda_relative,
+        init_std, backward, compile: the options of an encoder stage, with their defaults and
+            meaning in :class:`~ctrl_csc.nn.stage.EncoderStageOptions` (``padding=None`` means
+            ``k // 2``; ``nonnegative`` constrains the code to ``z ≥ 0``).
 
     Shapes:
         input ``(N, C_in, H, W)`` → code ``(N, C_out, h, w)``, ``h = ⌊(H + 2p − k)/s⌋ + 1``.
@@ -169,40 +111,33 @@ class CSCLayer(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int,
-        stride: int = 1,
-        padding: int | None = None,
-        lmbda: float = 0.1,
-        mu: float = 0.0,
-        n_iter: int = 2,
-        algorithm: str = "fista",
-        nonnegative: bool = True,
-        normalize_atoms: bool = True,
-        learn_lmbda: bool = False,
-        learn_step: bool = False,
-        power_iters: int = 1,
-        init_power_iters: int = 50,
-        lmbda_relative: bool = False,
-        init_std: float | None = None,
-        backward: str = "unrolled",
-        compile: bool = False,
+        kernel_size: int = _ENC.kernel_size,
+        stride: int = _ENC.stride,
+        padding: int | None = _ENC.padding,
+        lmbda: float = _ENC.lmbda,
+        mu: float = _ENC.mu,
+        n_iter: int = _ENC.n_iter,
+        algorithm: str = _ENC.algorithm,
+        nonnegative: bool = _ENC.nonnegative,
+        normalize_atoms: bool = _ENC.normalize_atoms,
+        learn_lmbda: bool = _ENC.learn_lmbda,
+        learn_step: bool = _ENC.learn_step,
+        power_iters: int = _ENC.power_iters,
+        init_power_iters: int = _ENC.init_power_iters,
+        lmbda_relative: bool = _ENC.lmbda_relative,
+        init_std: float | None = _ENC.init_std,
+        backward: str = _ENC.backward,
+        compile: bool = _ENC.compile,
     ) -> None:
         super().__init__()
-        owner = "CSCLayer"
-        if padding is None and isinstance(kernel_size, int):
-            padding = kernel_size // 2
-        _check_geometry(in_channels, out_channels, kernel_size, stride, padding, owner)
-        check_solver_options(
-            lmbda, mu, n_iter, algorithm, learn_lmbda, power_iters, init_power_iters, owner,
-            lmbda_relative, backward, learn_step, compile,
-        )  # fmt: skip
+        _check_stage("CSCLayer", in_channels, out_channels, _ENC, locals())
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
         self.stride = stride
-        self.padding = padding
+        self.padding = default_padding(kernel_size, padding)
         self.normalize_atoms = bool(normalize_atoms)
-        self.init_std = _check_init_std(init_std, owner)
+        self.init_std = None if init_std is None else float(init_std)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.solver = UnrolledLasso(
             out_channels, lmbda, mu, n_iter, algorithm, nonnegative, learn_lmbda, learn_step,
@@ -247,16 +182,7 @@ class CSCLayer(nn.Module):
 
     def code_size(self, input_size: Sequence[int]) -> tuple[int, int]:
         """Spatial size ``(h, w)`` of the code of an input of spatial size ``(H, W)``."""
-        h, w = (
-            conv_output_size(int(n), self.kernel_size, self.stride, self.padding)
-            for n in input_size
-        )
-        if h < 1 or w < 1:
-            raise ValueError(
-                f"CSCLayer: input size {tuple(input_size)} is too small for kernel_size="
-                f"{self.kernel_size}, stride={self.stride}, padding={self.padding}"
-            )
-        return (h, w)
+        return code_size(input_size, self.kernel_size, self.stride, self.padding, "CSCLayer")
 
     def operator(self, input_size: Sequence[int], dictionary: Tensor | None = None) -> StridedConv:
         """The synthesis operator ``D`` (with adjoint ``Dᵀ``) for inputs of size ``(H, W)``."""
@@ -358,13 +284,11 @@ class SparseDeconvLayer(nn.Module):
     Args:
         in_channels: channels ``C_in`` of the coarse input (code).
         out_channels: channels ``C_out`` of the fine output.
-        kernel_size, stride, padding: geometry; ``padding=None`` means ``k // 2``.
-        kind: ``"synthesis"`` or ``"inverse_csc"``.
-        lmbda, mu, n_iter, algorithm, nonnegative, learn_lmbda, learn_step, power_iters,
-        init_power_iters, lmbda_relative, backward, compile: solver options, as for
-        :class:`CSCLayer` (``inverse_csc`` only).
-        init_std: initial scale of the stored atoms, as for :class:`CSCLayer`.
-        normalize_atoms: see the kinds.
+        kernel_size, stride, padding, kind, lmbda, mu, n_iter, algorithm, nonnegative,
+        normalize_atoms, learn_lmbda, learn_step, power_iters, init_power_iters, lmbda_relative,
+        init_std, backward, compile: the options of a decoder stage, with their defaults and
+            meaning in :class:`~ctrl_csc.nn.stage.DecoderStageOptions` (the solver options are
+            used by ``inverse_csc`` only; ``normalize_atoms``: see the kinds).
 
     Shapes:
         ``(N, C_in, h, w)`` → ``(N, C_out, H, W)`` with ``(H, W) = output_size`` or by default
@@ -379,49 +303,35 @@ class SparseDeconvLayer(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int,
-        stride: int = 1,
-        padding: int | None = None,
-        kind: str = "synthesis",
-        lmbda: float = 0.1,
-        mu: float = 0.0,
-        n_iter: int = 2,
-        algorithm: str = "fista",
-        nonnegative: bool = False,
-        normalize_atoms: bool = True,
-        learn_lmbda: bool = False,
-        learn_step: bool = False,
-        power_iters: int = 1,
-        init_power_iters: int = 50,
-        lmbda_relative: bool = False,
-        init_std: float | None = None,
-        backward: str = "unrolled",
-        compile: bool = False,
+        kernel_size: int = _DEC.kernel_size,
+        stride: int = _DEC.stride,
+        padding: int | None = _DEC.padding,
+        kind: str = _DEC.kind,
+        lmbda: float = _DEC.lmbda,
+        mu: float = _DEC.mu,
+        n_iter: int = _DEC.n_iter,
+        algorithm: str = _DEC.algorithm,
+        nonnegative: bool = _DEC.nonnegative,
+        normalize_atoms: bool = _DEC.normalize_atoms,
+        learn_lmbda: bool = _DEC.learn_lmbda,
+        learn_step: bool = _DEC.learn_step,
+        power_iters: int = _DEC.power_iters,
+        init_power_iters: int = _DEC.init_power_iters,
+        lmbda_relative: bool = _DEC.lmbda_relative,
+        init_std: float | None = _DEC.init_std,
+        backward: str = _DEC.backward,
+        compile: bool = _DEC.compile,
     ) -> None:
         super().__init__()
-        owner = "SparseDeconvLayer"
-        if kind not in KINDS:
-            raise ValueError(f"{owner}: kind must be one of {KINDS}, got {kind!r}")
-        if padding is None and isinstance(kernel_size, int):
-            padding = kernel_size // 2
-        _check_geometry(in_channels, out_channels, kernel_size, stride, padding, owner)
-        check_solver_options(
-            lmbda, mu, n_iter, algorithm, learn_lmbda, power_iters, init_power_iters, owner,
-            lmbda_relative, backward, learn_step, compile,
-        )  # fmt: skip
-        if kind == "synthesis" and (learn_lmbda or learn_step):
-            raise ValueError(
-                f"{owner}: learn_lmbda/learn_step only apply to kind='inverse_csc' "
-                f"(got kind='synthesis')"
-            )
+        _check_stage("SparseDeconvLayer", in_channels, out_channels, _DEC, locals())
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
         self.stride = stride
-        self.padding = padding
+        self.padding = default_padding(kernel_size, padding)
         self.kind = kind
         self.normalize_atoms = bool(normalize_atoms)
-        self.init_std = _check_init_std(init_std, owner)
+        self.init_std = None if init_std is None else float(init_std)
         self.weight = nn.Parameter(torch.empty(in_channels, out_channels, kernel_size, kernel_size))
         self.solver = (
             UnrolledLasso(
@@ -462,7 +372,7 @@ class SparseDeconvLayer(nn.Module):
 
     def default_output_size(self, input_size: Sequence[int]) -> tuple[int, int]:
         """``(h·s, w·s)`` for an input of spatial size ``(h, w)``."""
-        return (int(input_size[0]) * self.stride, int(input_size[1]) * self.stride)
+        return upsampled_size(input_size, self.stride)
 
     def operator(self, input_size: Sequence[int], output_size: Sequence[int]) -> StridedConv:
         """The stage's operator between coarse ``input_size`` and fine ``output_size``.
