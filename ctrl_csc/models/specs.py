@@ -3,6 +3,14 @@
 A model config lists its stages as plain mappings (YAML dicts); :func:`parse_stages` turns each into
 a typed, validated dataclass so a misspelt key or an unknown option is reported with the stage's
 position instead of being ignored.
+
+The stage options, their defaults and their checks are those of the layers
+(:mod:`ctrl_csc.nn.stage`): a spec is the options of its role (a subclass of
+:class:`~ctrl_csc.nn.stage.EncoderStageOptions` / :class:`~ctrl_csc.nn.stage.DecoderStageOptions`)
+plus what the model adds around the layer (its channels, ``norm``, ``activation``). Each option is
+checked when the stage is parsed; the constraints between options (e.g. ``backward='implicit'``
+refuses ``learn_step``) are checked by the layer when the model builds it, and reported with the
+stage's position too.
 """
 
 from __future__ import annotations
@@ -12,17 +20,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ctrl_csc.nn.solver import ALGORITHMS
+from ctrl_csc.nn.stage import (
+    KINDS,
+    DecoderStageOptions,
+    EncoderStageOptions,
+    check_channels,
+    check_options,
+)
 
 from ._common import ACTIVATIONS, NORMS
 
 __all__ = ["CSCStageSpec", "DeconvStageSpec", "parse_stages"]
 
-DECODER_KINDS = ("synthesis", "inverse_csc")
+DECODER_KINDS = KINDS
 
 
 @dataclass(frozen=True)
-class CSCStageSpec:
+class CSCStageSpec(EncoderStageOptions):
     """One CSC stage of :class:`~ctrl_csc.models.CSCEncoder` (a :class:`ctrl_csc.nn.CSCLayer`).
 
     The stage maps ``(N, C_prev, H, W)`` to a code ``(N, out_channels, h, w)``,
@@ -32,20 +46,10 @@ class CSCStageSpec:
 
     Attributes:
         out_channels: number of atoms / code channels.
-        kernel_size, stride, padding: geometry of the dictionary (``padding=None``: ``k // 2``).
-        lmbda, mu: ℓ1 and ℓ2 weights of the convolutional Lasso / elastic net.
-        n_iter: unrolled ISTA/FISTA iterations ``T``.
-        algorithm: ``"ista"`` or ``"fista"``.
-        nonnegative: non-negative codes (one-sided shrinkage).
-        normalize_atoms: each atom ``A[j]`` kept at unit norm.
-        learn_lmbda, learn_step: λ / step size are trainable parameters.
-        power_iters, init_power_iters: power-iteration steps per training forward / at init.
-        lmbda_relative: ``lmbda`` is a fraction (``< 1``) of each sample's ``λ_max = ‖Dᵀu‖_∞``.
-        init_std: initial std of the stored atoms' entries (``None``: unit-norm atoms).
-        backward: gradients through the solver: ``"unrolled"`` | ``"checkpoint"`` (same
-            gradients, ``O(√T)`` saved memory) | ``"implicit"`` (the converged solution's
-            gradient, constant memory, no ``learn_step``); validated by the layer.
-        compile: fuse each iteration's elementwise work with ``torch.compile``.
+        kernel_size, stride, padding, lmbda, mu, n_iter, algorithm, nonnegative, normalize_atoms,
+            learn_lmbda, learn_step, power_iters, init_power_iters, lmbda_relative, init_std,
+            backward, compile: the options of the layer, with their defaults and meaning in
+            :class:`~ctrl_csc.nn.stage.EncoderStageOptions` (keyword-only).
         norm: normalisation after the stage (``"batch" | "group" | "none"``); ``None`` uses the
             encoder's ``norm``.
         activation: nonlinearity after the norm (``"none"`` by default: the prox is the
@@ -53,36 +57,16 @@ class CSCStageSpec:
     """
 
     out_channels: int
-    kernel_size: int = 3
-    stride: int = 1
-    padding: int | None = None
-    lmbda: float = 0.1
-    mu: float = 0.0
-    n_iter: int = 2
-    algorithm: str = "fista"
-    nonnegative: bool = True
-    normalize_atoms: bool = True
-    learn_lmbda: bool = False
-    learn_step: bool = False
-    power_iters: int = 1
-    init_power_iters: int = 50
-    lmbda_relative: bool = False
-    init_std: float | None = None
-    backward: str = "unrolled"
-    compile: bool = False
     norm: str | None = None
     activation: str = "none"
 
     def layer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`ctrl_csc.nn.CSCLayer` (without ``in_channels``)."""
-        skip = {"norm", "activation"}
-        return {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip
-        }
+        return {"out_channels": self.out_channels, **super().layer_kwargs()}
 
 
 @dataclass(frozen=True)
-class DeconvStageSpec:
+class DeconvStageSpec(DecoderStageOptions):
     """One stage of :class:`~ctrl_csc.models.CSCDecoder` (a :class:`ctrl_csc.nn.SparseDeconvLayer`).
 
     Decoder stages are listed in the order they are applied (coarse to fine). A stage takes
@@ -92,13 +76,11 @@ class DeconvStageSpec:
 
     Attributes:
         in_channels: channels of the code this stage takes.
-        kernel_size, stride, padding: geometry of its dictionary (``padding=None``: ``k // 2``).
-        kind: ``"synthesis"`` (``x = D' z``, a transposed convolution) or ``"inverse_csc"``
-            (unrolled sparse coding that upsamples).
-        lmbda, mu, n_iter, algorithm, nonnegative, normalize_atoms, learn_lmbda, learn_step,
-            power_iters, init_power_iters, lmbda_relative, backward, compile: solver options
-            (used by ``inverse_csc``).
-        init_std: initial std of the stored atoms' entries (``None``: unit-norm atoms).
+        kernel_size, stride, padding, kind, lmbda, mu, n_iter, algorithm, nonnegative,
+            normalize_atoms, learn_lmbda, learn_step, power_iters, init_power_iters,
+            lmbda_relative, init_std, backward, compile: the options of the layer, with their
+            defaults and meaning in :class:`~ctrl_csc.nn.stage.DecoderStageOptions`
+            (keyword-only; the solver options are used by ``inverse_csc``).
         norm: normalisation after the stage (not after the last stage); ``None`` uses the decoder's
             ``norm``.
         activation: nonlinearity after the norm (not after the last stage); ``"auto"`` means
@@ -107,33 +89,8 @@ class DeconvStageSpec:
     """
 
     in_channels: int
-    kernel_size: int = 3
-    stride: int = 1
-    padding: int | None = None
-    kind: str = "inverse_csc"
-    lmbda: float = 0.1
-    mu: float = 0.0
-    n_iter: int = 2
-    algorithm: str = "fista"
-    nonnegative: bool = False
-    normalize_atoms: bool = True
-    learn_lmbda: bool = False
-    learn_step: bool = False
-    power_iters: int = 1
-    init_power_iters: int = 50
-    lmbda_relative: bool = False
-    init_std: float | None = None
-    backward: str = "unrolled"
-    compile: bool = False
     norm: str | None = None
     activation: str = "auto"
-
-    def layer_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`ctrl_csc.nn.SparseDeconvLayer` (without channels)."""
-        skip = {"in_channels", "norm", "activation"}
-        return {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip
-        }
 
     def resolved_activation(self) -> str:
         if self.activation == "auto":
@@ -144,21 +101,23 @@ class DeconvStageSpec:
 S = TypeVar("S", CSCStageSpec, DeconvStageSpec)
 
 
-def _check_common(spec: CSCStageSpec | DeconvStageSpec, where: str) -> None:
-    if spec.kernel_size < 1:
-        raise ValueError(f"{where}.kernel_size must be >= 1, got {spec.kernel_size}")
-    if spec.stride < 1:
-        raise ValueError(f"{where}.stride must be >= 1, got {spec.stride}")
-    if spec.padding is not None and spec.padding < 0:
-        raise ValueError(f"{where}.padding must be >= 0 or null, got {spec.padding}")
-    if spec.n_iter < 1:
-        raise ValueError(f"{where}.n_iter must be >= 1, got {spec.n_iter}")
-    if spec.lmbda < 0 or spec.mu < 0:
-        raise ValueError(f"{where}.lmbda and .mu must be >= 0, got {spec.lmbda}, {spec.mu}")
-    if spec.algorithm not in ALGORITHMS:
-        raise ValueError(f"{where}.algorithm must be one of {ALGORITHMS}, got {spec.algorithm!r}")
+def _check_spec(spec: CSCStageSpec | DeconvStageSpec, where: str) -> None:
+    """Each value of ``spec``: its channels and options by the layer's checks
+    (:func:`ctrl_csc.nn.stage.check_options`), then the model's ``norm`` and ``activation``."""
+    channels = "out_channels" if isinstance(spec, CSCStageSpec) else "in_channels"
+    check_channels(getattr(spec, channels), f"{where}.{channels}")
+    check_options(spec.layer_kwargs(), f"{where}.")
     if spec.norm is not None and spec.norm not in NORMS:
         raise ValueError(f"{where}.norm must be one of {NORMS} or null, got {spec.norm!r}")
+    if isinstance(spec, CSCStageSpec):
+        if spec.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"{where}.activation must be one of {ACTIVATIONS}, got {spec.activation!r}"
+            )
+    elif spec.activation != "auto" and spec.activation not in ACTIVATIONS:
+        raise ValueError(
+            f"{where}.activation must be 'auto' or one of {ACTIVATIONS}, got {spec.activation!r}"
+        )
 
 
 def parse_stages(
@@ -199,23 +158,6 @@ def parse_stages(
                 raise ValueError(f"{where}: {err}") from None
         else:
             raise ValueError(f"{where} must be a mapping or a {cls.__name__}, got {raw!r}")
-        _check_common(spec, where)
-        if isinstance(spec, CSCStageSpec):
-            if spec.out_channels < 1:
-                raise ValueError(f"{where}.out_channels must be >= 1, got {spec.out_channels}")
-            if spec.activation not in ACTIVATIONS:
-                raise ValueError(
-                    f"{where}.activation must be one of {ACTIVATIONS}, got {spec.activation!r}"
-                )
-        else:
-            if spec.in_channels < 1:
-                raise ValueError(f"{where}.in_channels must be >= 1, got {spec.in_channels}")
-            if spec.kind not in DECODER_KINDS:
-                raise ValueError(f"{where}.kind must be one of {DECODER_KINDS}, got {spec.kind!r}")
-            if spec.activation != "auto" and spec.activation not in ACTIVATIONS:
-                raise ValueError(
-                    f"{where}.activation must be 'auto' or one of {ACTIVATIONS}, "
-                    f"got {spec.activation!r}"
-                )
+        _check_spec(spec, where)
         out.append(spec)
     return out
