@@ -27,6 +27,7 @@ from ctrl_csc.models import (
     ResNetDecoder,
     ResNetEncoder,
     add_noise,
+    code_densities,
     count_parameters,
 )
 
@@ -44,6 +45,8 @@ EXTRA = [
     ("csc_ctrl_tiny", 3, 32),
 ]
 BATCH = 2
+# The autoencoder baselines' encoder; every other config is a CTRL pair (features on the sphere).
+AUTOENCODER_ENCODERS = ("ctrl_csc.models.ConvEncoder",)
 
 
 def _int(s: str) -> int:
@@ -63,6 +66,11 @@ def build(name: str, channels: int, image_size: int):
     return root.model, instantiate(root.model.encoder), instantiate(root.model.decoder)
 
 
+def is_ctrl(cfg) -> bool:
+    """Whether a model config is a CTRL pair (rather than an autoencoder baseline)."""
+    return cfg.encoder._target_ not in AUTOENCODER_ENCODERS
+
+
 def _nn_layers():
     from ctrl_csc.nn import CSCLayer, SparseDeconvLayer
 
@@ -80,26 +88,25 @@ def _cases():
 
 @pytest.fixture(scope="module", params=list(_cases()))
 def run(request):
-    """Build a config and run it once in train mode: ``z = f(x)``, ``x̂ = g(z)``, then backward
-    of a random projection of both."""
+    """Build a config and run it once in train mode: ``z = f(x)``, ``x̂ = g(z)`` (with their
+    codes), then backward of a random projection of both."""
     name, c, s = request.param
     torch.manual_seed(0)
     cfg, enc, dec = build(name, c, s)
     x = torch.rand(BATCH, c, s, s) * 2 - 1
-    z = enc(x)
-    xh = dec(z)
+    z, enc_codes = enc.forward_with_codes(x)
+    xh, dec_codes = dec.forward_with_codes(z)
     (z * torch.randn_like(z)).sum().add((xh * torch.randn_like(xh)).sum()).backward()
     return {
         "name": name, "channels": c, "size": s, "cfg": cfg, "enc": enc, "dec": dec,
         "x": x, "z": z.detach(), "xh": xh.detach(),
-        "enc_dens": enc.densities(), "dec_dens": dec.densities(),
+        "enc_dens": code_densities(enc_codes), "dec_dens": code_densities(dec_codes),
     }  # fmt: skip
 
 
 def test_config_keys(run):
     cfg = run["cfg"]
     assert cfg.name == run["name"]
-    assert cfg.family in ("ctrl", "autoencoder")
     # the paper configs use DESIGN's d = 128; the CPU quickstart's feature is its last code
     d = 2048 if run["name"] == "csc_ctrl_tiny" else 128
     assert cfg.encoder.feature_dim == d and cfg.decoder.feature_dim == d
@@ -152,7 +159,7 @@ def test_shapes_and_ranges(run):
     z, xh, x = run["z"], run["xh"], run["x"]
     assert z.shape == (BATCH, run["cfg"].encoder.feature_dim)
     assert torch.isfinite(z).all() and torch.isfinite(xh).all()
-    if run["cfg"].family == "ctrl":
+    if is_ctrl(run["cfg"]):
         torch.testing.assert_close(z.norm(dim=1), torch.ones(BATCH))
     assert xh.shape == x.shape
     assert xh.min() >= -1 and xh.max() <= 1
@@ -190,6 +197,30 @@ def test_densities(run):
         assert all(d is not None for d in run["enc_dens"])
         for spec, d in zip(dec.specs, run["dec_dens"]):
             assert (d is None) == (spec.kind == "synthesis")
+    else:  # every block's output counts, but not an image
+        assert all(d is not None for d in run["enc_dens"])
+        image_last = isinstance(dec, (DCGANDecoder, ConvDecoder))
+        assert [d is None for d in run["dec_dens"]] == [
+            image_last and i == len(dec.stages) - 1 for i in range(len(dec.stages))
+        ]
+
+
+def test_forward_with_codes_is_forward(run):
+    """The codes come with the very output ``forward`` gives; their densities are the fractions
+    of exact non-zeros; nothing of the forward stays on the model."""
+    enc, dec, x = run["enc"].eval(), run["dec"].eval(), run["x"]
+    try:
+        with torch.no_grad():
+            z, codes = enc.forward_with_codes(x)
+            xh, dec_codes = dec.forward_with_codes(z)
+            torch.testing.assert_close(z, enc(x), rtol=0, atol=0)
+            torch.testing.assert_close(xh, dec(z), rtol=0, atol=0)
+    finally:
+        enc.train(), dec.train()
+    for code, d in zip(codes + dec_codes, code_densities(codes + dec_codes)):
+        if code is not None:
+            assert d == pytest.approx(float((code != 0).double().mean()), abs=1e-7)
+    assert not any(k.endswith("densities") for k in vars(enc) | vars(dec))
 
 
 def test_codes_nonnegative_where_configured(run):
@@ -331,17 +362,18 @@ def test_baselines_take_any_size(size):
 def test_sparse_autoencoder_exposes_its_code():
     enc = ConvEncoder(1, 8, feature_dim=16, channels=(4,), code_activation="relu")
     dec = ConvDecoder(1, 8, feature_dim=16, channels=(4,))
-    z = enc(torch.rand(5, 1, 8, 8))
-    assert enc.last_code is z  # normalize=False: the returned features are the code
-    assert (z >= 0).all() and 0.0 <= enc.code_density() <= 1.0
-    (dec(z).square().mean() + 1e-3 * enc.last_code.abs().mean()).backward()
+    z = enc(torch.rand(5, 1, 8, 8))  # normalize=False: the returned features are the code
+    assert (z >= 0).all()
+    (dec(z).square().mean() + 1e-3 * z.abs().mean()).backward()
     assert enc.projection.weight.grad is not None
     enc_n = ConvEncoder(1, 8, feature_dim=16, channels=(4,), normalize=True)
-    zn = enc_n(torch.rand(5, 1, 8, 8))
-    torch.testing.assert_close(zn, torch.nn.functional.normalize(enc_n.last_code, dim=1))
+    x = torch.rand(5, 1, 8, 8)
+    zn = enc_n(x)
+    enc_n.normalize = False  # the same network's code, before the sphere
+    torch.testing.assert_close(zn, torch.nn.functional.normalize(enc_n(x), dim=1))
 
 
-def test_add_noise_and_denoising_autoencoder():
+def test_add_noise_and_autoencoder():
     x = torch.zeros(4, 1, 8, 8)
     assert add_noise(x, 0.0) is x
     g = torch.Generator().manual_seed(1)
@@ -349,15 +381,10 @@ def test_add_noise_and_denoising_autoencoder():
     assert n.shape == x.shape and 0.3 < n.std() < 0.7
     with pytest.raises(ValueError, match="noise_std"):
         add_noise(x, -1.0)
-    seen = []
-    enc = ConvEncoder(1, 8, feature_dim=4, channels=(2,))
-    enc.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
-    ae = Autoencoder(enc, ConvDecoder(1, 8, feature_dim=4, channels=(2,)), noise_std=0.1)
+    ae = Autoencoder(ConvEncoder(1, 8, feature_dim=4, channels=(2,)),
+                     ConvDecoder(1, 8, feature_dim=4, channels=(2,)))  # fmt: skip
     z, xh = ae(x)
-    assert z.shape == (4, 4) and xh.shape == x.shape and seen[-1].abs().sum() > 0  # noisy
-    ae.eval()
-    ae(x)
-    assert seen[-1].abs().sum() == 0  # no noise in eval mode
+    assert z.shape == (4, 4) and xh.shape == x.shape
 
 
 def test_tiny_config_learns_to_reconstruct():

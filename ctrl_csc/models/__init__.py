@@ -3,14 +3,15 @@
 Every encoder maps images ``(N, C, H, W)`` in ``[-1, 1]`` to features ``(N, feature_dim)`` (on the
 unit sphere unless ``normalize=False``); every decoder maps ``(N, feature_dim)`` back to images
 ``(N, C, H, W)`` in ``[-1, 1]``. Both check their input and raise a ``ValueError`` naming
-``dataset.channels`` / ``dataset.image_size`` and the model's setting when they disagree, and report
-per-stage densities (fraction of non-zeros) of their last forward through ``densities()``.
-Configs: ``conf/model/*.yaml``.
+``dataset.channels`` / ``dataset.image_size`` and the model's setting when they disagree.
+``forward_with_codes(x)`` returns the output with every stage's code (``None`` for a stage whose
+output is not a code); :func:`code_densities` gives their fractions of non-zeros. The models keep
+no state of their last forward. Configs: ``conf/model/*.yaml``.
 """
 
 from ctrl_csc.nn.noise import add_noise
 
-from ._common import count_parameters
+from ._common import code_densities, count_parameters
 from .autoencoder import Autoencoder
 from .conv_ae import ConvDecoder, ConvEncoder
 from .csc import CSCDecoder, CSCEncoder
@@ -31,6 +32,7 @@ __all__ = [
     "ResNetDecoder",
     "ResNetEncoder",
     "add_noise",
+    "code_densities",
     "count_parameters",
     "parse_stages",
 ]

@@ -1,12 +1,14 @@
 """Shared pieces of the encoders and decoders: size arithmetic, normalisation and activation
-layers, input validation and density bookkeeping (the denoising corruption is
+layers, input validation, the per-stage codes and their densities (the denoising corruption is
 :func:`ctrl_csc.nn.add_noise`).
 
 Every encoder in :mod:`ctrl_csc.models` maps images ``(N, C, H, W)`` in ``[-1, 1]`` to features
 ``(N, feature_dim)`` (on the unit sphere unless built with ``normalize=False``); every decoder maps
 ``(N, feature_dim)`` back to ``(N, C, H, W)``. The base classes below hold what they all share: the
 image geometry they were built for, the check that an input matches it (a ``ValueError`` naming
-``dataset.channels`` / ``dataset.image_size`` and the model's setting), and per-stage densities.
+``dataset.channels`` / ``dataset.image_size`` and the model's setting), and
+``forward_with_codes``, which returns every stage's code beside the output. The models keep no
+state of their last forward: :func:`code_densities` turns returned codes into densities.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ __all__ = [
     "ImageEncoder",
     "ImageDecoder",
     "as_size",
+    "code_densities",
     "count_parameters",
     "make_activation",
     "make_norm",
@@ -106,17 +109,50 @@ def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def _density(t: Tensor) -> Tensor:
-    """Fraction of non-zero entries of ``t`` as a detached 0-dim float tensor."""
-    t = t.detach()
-    return torch.count_nonzero(t).to(torch.float32) / max(t.numel(), 1)
+def code_densities(codes: Sequence[Tensor | None]) -> list[float | None]:
+    """Per stage, the fraction of exact non-zero entries of its code (``None`` for ``None``: a
+    stage whose output is not a code), as :meth:`ImageEncoder.forward_with_codes` returns them.
+
+    The ratio is taken in float32, as the models reported it when they cached it.
+    """
+    return [
+        None if c is None else float(torch.count_nonzero(c).to(torch.float32) / max(c.numel(), 1))
+        for c in codes
+    ]
 
 
-class ImageEncoder(nn.Module):
-    """Base class of the encoders: geometry, input check and densities.
+class _StagedModel(nn.Module):
+    """``forward`` and ``forward_with_codes`` of a model made of ``self.stages``.
 
-    Subclasses set ``self.stages`` (``nn.ModuleList``) and implement ``_run(x, codes)``, which
-    returns the features and appends each stage's code to ``codes`` when it is a list.
+    Subclasses implement ``_run(x, outs)``, which returns the output and appends every stage's
+    output to ``outs`` when it is a list, and say in ``_is_code`` which of those are codes.
+    """
+
+    stages: nn.ModuleList
+
+    def _run(self, x: Tensor, outs: list[Tensor] | None) -> Tensor:
+        raise NotImplementedError
+
+    def _is_code(self) -> list[bool]:
+        """Per stage, whether its output is a code (every stage unless a subclass says)."""
+        return [True] * len(self.stages)
+
+    def forward_with_codes(self, x: Tensor) -> tuple[Tensor, list[Tensor | None]]:
+        """``(forward(x), codes)``: ``codes[i]`` is stage ``i``'s output ``(N, C_i, H_i, W_i)``,
+        or ``None`` where that output is not a code (an image, a ``synthesis`` stage's output).
+
+        The same computation as ``forward`` (with its graph); nothing is kept on the model.
+        """
+        outs: list[Tensor] = []
+        out = self._run(x, outs)
+        return out, [o if code else None for o, code in zip(outs, self._is_code(), strict=True)]
+
+
+class ImageEncoder(_StagedModel):
+    """Base class of the encoders: geometry, input check, codes.
+
+    Subclasses set ``self.stages`` (``nn.ModuleList``) and implement ``_run(x, outs)``, which
+    returns the features and appends each stage's code to ``outs`` when it is a list.
 
     Attributes:
         in_channels: image channels ``C`` the model takes.
@@ -137,7 +173,6 @@ class ImageEncoder(nn.Module):
         self.image_size = as_size(image_size, "image_size (dataset.image_size)")
         self.feature_dim = int(feature_dim)
         self.normalize = bool(normalize)
-        self._densities: list[Tensor | None] = []
 
     def check_input(self, x: Tensor) -> None:
         """Raise ``ValueError`` unless ``x`` is ``(N, in_channels, H, W)`` with ``(H, W) ==
@@ -163,51 +198,44 @@ class ImageEncoder(nn.Module):
                 f"got {h}x{w})"
             )
 
-    def _run(self, x: Tensor, codes: list[Tensor] | None) -> Tensor:
-        raise NotImplementedError
-
     def forward(self, x: Tensor) -> Tensor:
         """``x`` ``(N, C, H, W)`` in ``[-1, 1]`` → features ``(N, feature_dim)`` (unit norm when
         ``normalize``)."""
         return self._run(x, None)
 
     def encode_codes(self, x: Tensor) -> list[Tensor]:
-        """Every stage's code ``(N, C_i, H_i, W_i)`` for ``x``, first stage first."""
-        codes: list[Tensor] = []
-        self._run(x, codes)
-        return codes
+        """Every stage's code ``(N, C_i, H_i, W_i)`` for ``x``, first stage first (the codes of
+        :meth:`forward_with_codes`: every encoder stage outputs one)."""
+        return self.forward_with_codes(x)[1]  # type: ignore[return-value]
 
-    def _run_blocks(self, x: Tensor, codes: list[Tensor] | None) -> Tensor:
-        """Check ``x``, run the blocks of ``self.stages`` recording each output's density (and
-        the output itself in ``codes``); return the last output."""
+    def _run_blocks(self, x: Tensor, outs: list[Tensor] | None) -> Tensor:
+        """Check ``x``, run the blocks of ``self.stages`` (appending each output to ``outs`` when
+        it is a list); return the last output."""
         self.check_input(x)
-        dens = []
         h = x
         for block in self.stages:
             h = block(h)
-            dens.append(_density(h))
-            if codes is not None:
-                codes.append(h)
-        self._densities = dens
+            if outs is not None:
+                outs.append(h)
         return h
 
     def _finish(self, h: Tensor) -> Tensor:
         return F.normalize(h, dim=1) if self.normalize else h
 
-    def densities(self) -> list[float | None]:
-        """Per stage, the fraction of non-zero entries of its output in the last forward (``None``
-        before any forward or for a stage that does not report one)."""
-        return [None if d is None else float(d) for d in self._densities]
 
+class ImageDecoder(_StagedModel):
+    """Base class of the decoders: geometry, input check, codes.
 
-class ImageDecoder(nn.Module):
-    """Base class of the decoders: geometry, input check and densities.
+    Subclasses set ``self.stages`` and implement ``_run(z, outs)`` like the encoders; a decoder
+    whose last stage outputs the image sets ``last_stage_is_image`` (that output is no code).
 
     Attributes:
         out_channels: image channels ``C`` produced.
         image_size: ``(H, W)`` produced.
         feature_dim: input feature dimension ``d``.
     """
+
+    last_stage_is_image = False
 
     def __init__(
         self, out_channels: int, image_size: int | Sequence[int], feature_dim: int
@@ -220,7 +248,6 @@ class ImageDecoder(nn.Module):
         self.out_channels = int(out_channels)
         self.image_size = as_size(image_size, "image_size (dataset.image_size)")
         self.feature_dim = int(feature_dim)
-        self._densities: list[Tensor | None] = []
 
     def check_input(self, z: Tensor) -> None:
         """Raise ``ValueError`` unless ``z`` is ``(N, feature_dim)``."""
@@ -231,10 +258,14 @@ class ImageDecoder(nn.Module):
                 f"shape {tuple(z.shape)}"
             )
 
-    def densities(self) -> list[float | None]:
-        """Per stage, the fraction of non-zero entries of its output in the last forward (``None``
-        before any forward or for a stage that does not report one)."""
-        return [None if d is None else float(d) for d in self._densities]
+    def forward(self, z: Tensor) -> Tensor:
+        """``z`` ``(N, feature_dim)`` → images ``(N, out_channels, H, W)`` (in ``[-1, 1]`` unless
+        ``output_activation="none"``)."""
+        return self._run(z, None)
+
+    def _is_code(self) -> list[bool]:
+        n = len(self.stages)
+        return [not (self.last_stage_is_image and i == n - 1) for i in range(n)]
 
 
 def _ceil_div(a: int, b: int) -> int:

@@ -7,11 +7,10 @@ optional projection onto the unit sphere (off by default: an autoencoder's code 
 ``tanh``.
 
 **Sparse autoencoder.** The same networks, trained with an ℓ1 penalty on the code. The penalty lives
-in the training step; the encoder exposes the code of its most recent forward as ``.last_code``
-(``(N, feature_dim)``, *before* unit-sphere normalisation, still attached to the autograd graph) —
-with ``normalize=False`` it is the very tensor ``forward`` returns — so the step adds
-``l1_weight * encoder.last_code.abs().mean()``. ``code_activation="relu"`` makes exact zeros and
-thus a meaningful density; :meth:`ConvEncoder.code_density` reports it.
+in the training step (:class:`ctrl_csc.engine.ReconstructionStep`): with ``normalize=False`` (the
+default) the encoder's output *is* the code ``(N, feature_dim)``, so the step adds
+``code_l1 * code.abs().mean()`` of what ``forward`` returned. ``code_activation="relu"`` makes exact
+zeros in it.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from torch import Tensor, nn
 from ._common import (
     ImageDecoder,
     ImageEncoder,
-    _density,
     downsample_sizes,
     make_activation,
     make_norm,
@@ -55,9 +53,9 @@ class ConvEncoder(ImageEncoder):
         normalize: project the code onto the unit sphere (``False``: return the code itself).
 
     Attributes:
-        stages: ``nn.ModuleList`` of the blocks.
-        last_code: the code ``(N, feature_dim)`` of the most recent forward, before normalisation
-            and with its graph (for the sparse autoencoder's ℓ1 penalty); ``None`` before any.
+        stages: ``nn.ModuleList`` of the blocks (their outputs are the codes of
+            ``forward_with_codes``; the code ``(N, feature_dim)`` is what ``forward`` returns when
+            ``normalize=False``).
     """
 
     def __init__(
@@ -90,21 +88,10 @@ class ConvEncoder(ImageEncoder):
         self.code_shape = (c, hs[-1], ws[-1])
         self.projection = nn.Linear(c * hs[-1] * ws[-1], self.feature_dim)
         self.code_act = make_activation(code_activation, setting="model.encoder.code_activation")
-        self.last_code: Tensor | None = None
-        self._code_density: Tensor | None = None
 
-    def _run(self, x: Tensor, codes: list[Tensor] | None) -> Tensor:
-        h = self._run_blocks(x, codes)
-        code = self.code_act(self.projection(h.flatten(1)))
-        self.last_code = code
-        self._code_density = _density(code)
-        if codes is not None:
-            codes.append(code)
-        return self._finish(code)
-
-    def code_density(self) -> float | None:
-        """Fraction of non-zero entries of the code in the last forward."""
-        return None if self._code_density is None else float(self._code_density)
+    def _run(self, x: Tensor, outs: list[Tensor] | None) -> Tensor:
+        h = self._run_blocks(x, outs)
+        return self._finish(self.code_act(self.projection(h.flatten(1))))
 
 
 class ConvDecoder(ImageDecoder):
@@ -123,8 +110,11 @@ class ConvDecoder(ImageDecoder):
         output_activation: ``"tanh" | "hardtanh" | "none"``.
 
     Attributes:
-        stages: ``nn.ModuleList`` of the transposed convolutions, coarse to fine.
+        stages: ``nn.ModuleList`` of the transposed convolutions, coarse to fine (the last outputs
+            the image).
     """
+
+    last_stage_is_image = True
 
     def __init__(
         self,
@@ -164,15 +154,11 @@ class ConvDecoder(ImageDecoder):
                 )
             )
 
-    def forward(self, z: Tensor) -> Tensor:
-        """``(N, feature_dim)`` → ``(N, C, H, W)`` in ``[-1, 1]`` (unless
-        ``output_activation="none"``)."""
+    def _run(self, z: Tensor, outs: list[Tensor] | None) -> Tensor:
         self.check_input(z)
         h = self.projection_post(self.projection(z).view(z.shape[0], *self.code_shape))
-        dens: list[Tensor | None] = []
         for conv, post, size in zip(self.stages, self.posts, self.out_sizes):
             h = post(conv(h, output_size=list(size)))
-            dens.append(_density(h))
-        dens[-1] = None  # the last "stage output" is the image
-        self._densities = dens
+            if outs is not None:
+                outs.append(h)
         return h

@@ -143,24 +143,15 @@ class CSCEncoder(ImageEncoder):
         else:
             self.projection = nn.Identity()
 
-    def _run(self, x: Tensor, codes: list[Tensor] | None) -> Tensor:
+    def _run(self, x: Tensor, outs: list[Tensor] | None) -> Tensor:
         self.check_input(x)
         h = x
         for layer, norm, act in zip(self.stages, self.norms, self.activations):
             z = layer(h)
-            if codes is not None:
-                codes.append(z)
+            if outs is not None:
+                outs.append(z)
             h = act(norm(z))
         return self._finish(self.projection(h.flatten(1)))
-
-    def densities(self) -> list[float | None]:
-        """Per stage, the fraction of non-zeros of its code in the last forward (``None`` before
-        any forward)."""
-        out: list[float | None] = []
-        for layer in self.stages:
-            d = layer.density()
-            out.append(None if d is None else float(d))
-        return out
 
 
 class CSCDecoder(ImageDecoder):
@@ -273,23 +264,14 @@ class CSCDecoder(ImageDecoder):
             h = act(norm(v))
         return h
 
-    def forward(self, z: Tensor) -> Tensor:
-        """``z`` ``(N, feature_dim)`` → images ``(N, out_channels, H, W)`` (in ``[-1, 1]`` unless
-        ``output_activation="none"``)."""
-        return self._run(z, None)
+    def _is_code(self) -> list[bool]:
+        """``inverse_csc`` stages output a sparse code; ``synthesis`` stages a plain synthesis."""
+        return [layer.kind == "inverse_csc" for layer in self.stages]
 
     def decode_codes(self, z: Tensor) -> list[Tensor]:
         """Every stage's raw output for features ``z``: ``(N, C_j, H_j, W_j)``, coarse to fine (the
-        last is the image before the output activation)."""
+        last is the image before the output activation), ``synthesis`` stages' included (where
+        :meth:`forward_with_codes` gives ``None``)."""
         outs: list[Tensor] = []
         self._run(z, outs)
         return outs
-
-    def densities(self) -> list[float | None]:
-        """Per stage, the fraction of non-zeros of its last output (``inverse_csc`` stages) or
-        ``None`` (``synthesis`` stages, or before any forward)."""
-        out: list[float | None] = []
-        for layer in self.stages:
-            d = layer.density()
-            out.append(None if d is None else float(d))
-        return out

@@ -23,7 +23,6 @@ from ctrl_csc.nn.layers import conv_output_size
 from ._common import (
     ImageDecoder,
     ImageEncoder,
-    _density,
     make_norm,
     make_output_activation,
 )
@@ -99,8 +98,8 @@ class DCGANEncoder(ImageEncoder):
         self.code_shape = (c, *sizes[-1])
         self.projection = nn.Conv2d(c, self.feature_dim, sizes[-1], 1, 0, bias=False)
 
-    def _run(self, x: Tensor, codes: list[Tensor] | None) -> Tensor:
-        h = self._run_blocks(x, codes)
+    def _run(self, x: Tensor, outs: list[Tensor] | None) -> Tensor:
+        h = self._run_blocks(x, outs)
         return self._finish(self.projection(h).flatten(1))
 
 
@@ -130,8 +129,11 @@ class DCGANDecoder(ImageDecoder):
         output_activation: ``"tanh" | "hardtanh" | "none"``.
 
     Attributes:
-        stages: ``nn.ModuleList`` of the up-blocks, coarse to fine (the first is the projection).
+        stages: ``nn.ModuleList`` of the up-blocks, coarse to fine (the first is the projection,
+            the last outputs the image).
     """
+
+    last_stage_is_image = True
 
     def __init__(
         self,
@@ -176,14 +178,11 @@ class DCGANDecoder(ImageDecoder):
             )
             c = c_out
 
-    def forward(self, z: Tensor) -> Tensor:
-        """``(N, feature_dim)`` → ``(N, C, H, W)`` in ``[-1, 1]`` (unless
-        ``output_activation="none"``)."""
+    def _run(self, z: Tensor, outs: list[Tensor] | None) -> Tensor:
         self.check_input(z)
         h = z[:, :, None, None]
-        dens = []
         for block, size in zip(self.stages, self.out_sizes):
             h = block(h, size)
-            dens.append(_density(h))
-        self._densities = [*dens[:-1], None]  # the last "stage output" is the image
+            if outs is not None:
+                outs.append(h)
         return h

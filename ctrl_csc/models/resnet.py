@@ -23,7 +23,6 @@ from torch.nn.utils.parametrizations import spectral_norm as _sn
 from ._common import (
     ImageDecoder,
     ImageEncoder,
-    _density,
     downsample_sizes,
     make_norm,
     make_output_activation,
@@ -101,8 +100,8 @@ class ResNetEncoder(ImageEncoder):
         self.code_shape = (c, hs[-1], ws[-1])
         self.projection = _maybe_sn(nn.Linear(c * hs[-1] * ws[-1], self.feature_dim), spectral_norm)
 
-    def _run(self, x: Tensor, codes: list[Tensor] | None) -> Tensor:
-        h = self._run_blocks(x, codes)
+    def _run(self, x: Tensor, outs: list[Tensor] | None) -> Tensor:
+        h = self._run_blocks(x, outs)
         return self._finish(self.projection(F.relu(h).flatten(1)))
 
 
@@ -179,14 +178,11 @@ class ResNetDecoder(ImageDecoder):
             make_output_activation(output_activation),
         )
 
-    def forward(self, z: Tensor) -> Tensor:
-        """``(N, feature_dim)`` → ``(N, C, H, W)`` in ``[-1, 1]`` (unless
-        ``output_activation="none"``)."""
+    def _run(self, z: Tensor, outs: list[Tensor] | None) -> Tensor:
         self.check_input(z)
         h = self.projection(z).view(z.shape[0], *self.code_shape)
-        dens = []
         for block, size in zip(self.stages, self.out_sizes):
             h = block(h, size)
-            dens.append(_density(h))
-        self._densities = dens
+            if outs is not None:
+                outs.append(h)
         return self.head(h)
