@@ -30,8 +30,12 @@ class TinyEncoder(nn.Module):
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
         self.fc = nn.Linear(4 * 8 * 8, d)
 
+    def forward_with_codes(self, x):
+        code = torch.relu(self.conv(x))
+        return nn.functional.normalize(self.fc(code.flatten(1)), dim=1), [code]
+
     def forward(self, x):
-        return nn.functional.normalize(self.fc(torch.relu(self.conv(x)).flatten(1)), dim=1)
+        return self.forward_with_codes(x)[0]
 
 
 class TinyDecoder(nn.Module):
@@ -169,6 +173,24 @@ def test_fit_writes_outputs(tmp_path):
     assert (tmp_path / "checkpoints" / "last.pt").is_file()
     assert list((tmp_path / "samples").glob("*.png"))
     assert (tmp_path / "objective.png").stat().st_size > 0
+
+
+def test_evaluate_is_the_eval_runner_and_leaves_the_random_state(tmp_path):
+    from ctrl_csc.eval import evaluate_reconstructions
+
+    trainer = make_trainer(tmp_path, max_steps=2, baseline_images=32)
+    trainer.fit()
+    state = torch.get_rng_state()
+    metrics = trainer.evaluate()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert trainer.encoder.training and trainer.decoder.training
+    assert list(metrics) == ["psnr", "psnr_mean_image", "density/enc0"]
+    direct = evaluate_reconstructions(
+        trainer.encoder, trainer.decoder, trainer.eval_loader, metrics=("psnr", "density"),
+        progress=False, mean_image=trainer._mean_image,
+    ).metrics  # fmt: skip
+    assert metrics == {k: v for k, v in direct.items() if k != "num_images"}
+    assert (tmp_path / "samples" / "step_0000002.png").is_file()
 
 
 def assert_same_weights(a, b):

@@ -1,5 +1,6 @@
 """evaluate_reconstructions end to end with tiny fake models and a small feature network."""
 
+import contextlib
 import logging
 import math
 import urllib.error
@@ -20,15 +21,14 @@ class TinyEncoder(torch.nn.Module):
         super().__init__()
         self.conv = torch.nn.Conv2d(1, 4, 3, stride=2, padding=1)
         self.fc = torch.nn.Linear(4 * 6 * 6, d)
-        self._dens = [None, None]
+
+    def forward_with_codes(self, x):
+        code = F.relu(self.conv(x) - 0.1)
+        # second stage: no sparse code
+        return F.normalize(self.fc(code.flatten(1)), dim=1), [code, None]
 
     def forward(self, x):
-        code = F.relu(self.conv(x) - 0.1)
-        self._dens = [M.code_density(code), None]  # second stage: no sparse code
-        return F.normalize(self.fc(code.flatten(1)), dim=1)
-
-    def densities(self):
-        return self._dens
+        return self.forward_with_codes(x)[0]
 
 
 class TinyDecoder(torch.nn.Module):
@@ -36,11 +36,13 @@ class TinyDecoder(torch.nn.Module):
         super().__init__()
         self.fc = torch.nn.Linear(d, math.prod(IMG))
 
+    def forward_with_codes(self, z):
+        code = z.new_zeros(z.shape[0], 4)
+        code[:, 0] = 1.0  # one of four entries non-zero: density 0.25
+        return self(z), [code]
+
     def forward(self, z):
         return torch.tanh(self.fc(z)).view(-1, *IMG)
-
-    def densities(self):
-        return [0.25]
 
 
 class Identity(torch.nn.Module):
@@ -120,6 +122,40 @@ def test_end_to_end_all_metrics(caplog):
     assert m["psnr"] == pytest.approx(float(M.psnr(x[:30], xh).mean()), rel=1e-5)
     assert m["ssim"] == pytest.approx(float(M.ssim(x[:30], xh).mean()), abs=1e-6)
     torch.testing.assert_close(res.reconstructions, xh[:12])
+
+
+def test_densities_over_images_mean_image_and_autocast(caplog):
+    """Densities are exact per-image means of the returned codes (batches of 4, 4, 2); a model
+    pair without ``forward_with_codes`` gets no density, with a warning; ``mean_image`` adds its
+    PSNR; the models run in the ``autocast`` context."""
+    x, _ = labelled_data(10, 8)
+    loader = DataLoader(x, batch_size=4)
+    enc, dec = TinyEncoder(), TinyDecoder()
+    entered = []
+
+    @contextlib.contextmanager
+    def counting():
+        entered.append(True)
+        yield
+
+    mean = x.mean(0, keepdim=True)
+    res = evaluate_reconstructions(
+        enc, dec, loader, metrics=("psnr", "density"), progress=False, autocast=counting,
+        mean_image=mean,
+    )  # fmt: skip
+    with torch.no_grad():
+        code = enc.forward_with_codes(x)[1][0]
+    per_image = (code != 0).flatten(1).double().mean(1)
+    assert res.metrics["density/enc0"] == pytest.approx(float(per_image.mean()), rel=1e-6)
+    want = float(M.psnr(x, mean.expand_as(x)).double().mean())
+    assert res.metrics["psnr_mean_image"] == pytest.approx(want, rel=1e-6)
+    assert len(entered) == 3
+    with caplog.at_level(logging.WARNING, logger="ctrl_csc.eval.runner"):
+        res = evaluate_reconstructions(
+            Identity(False), Identity(True), loader, metrics=("psnr", "density"), progress=False
+        )
+    assert set(res.metrics) == {"psnr", "num_images"}
+    assert "metric 'density' skipped" in caplog.text
 
 
 def test_identity_autoencoder_fid_zero_and_fid_matches_direct():

@@ -106,13 +106,15 @@ class Trainer:
         optimizers: ``{"encoder": ..., "decoder": ...}``.
         train_loader: from :func:`build_loader` (its :class:`ResumableSampler` makes resume exact).
         schedulers: optional ``{name: LRScheduler}`` stepped once per training step.
-        eval_loader: held-out images for PSNR, code densities and reconstruction grids.
+        eval_loader: held-out images for PSNR, code densities and reconstruction grids (yielding
+            images or ``(images, labels)``).
         loggers: objects with ``log(metrics, step)`` and ``close()`` (main process only).
         output_dir: run directory.
         max_steps: training steps (one step = ``k`` encoder updates + one decoder update).
         log_every, eval_every, checkpoint_every: periods in steps (0 disables periodic
             evaluation / periodic checkpoints; the final ones always happen).
-        eval_images: held-out images used by each evaluation.
+        eval_images: held-out images used by each evaluation (``None``: the whole loader; 0: no
+            held-out evaluation).
         baseline_images: training images whose mean image serves as the trivial reconstruction
             that ``psnr`` is compared with (``psnr_mean_image`` in the metrics); 0 disables it.
         grad_clip: max gradient norm per player, or ``None``.
@@ -150,7 +152,7 @@ class Trainer:
         log_every: int = 50,
         eval_every: int = 0,
         checkpoint_every: int = 0,
-        eval_images: int = 1000,
+        eval_images: int | None = 1000,
         baseline_images: int = 0,
         grad_clip: float | None = None,
         amp: bool = False,
@@ -449,10 +451,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
-        """Held-out reconstruction PSNR of ``g(f(X))``, per-stage code densities and a sample grid
-        (main process only; others return ``{}``). Random generators are left as they were, so
-        evaluating never changes the course of training (and resumed runs stay exact)."""
-        if not self.ctx.is_main or self.eval_loader is None:
+        """Held-out reconstruction PSNR of ``g(f(X))`` (``psnr``; ``psnr_mean_image`` of the
+        training mean image with ``baseline_images``), per-stage code densities
+        (``density/enc{i}``, ``density/dec{i}``, averaged over images) and a sample grid, by
+        :func:`ctrl_csc.eval.evaluate_reconstructions` under the game's autocast (main process
+        only; others return ``{}``). Random generators are left as they were, so evaluating never
+        changes the course of training (and resumed runs stay exact)."""
+        if not self.ctx.is_main or self.eval_loader is None or self.eval_images == 0:
             return {}
         with self._rng_untouched(), torch.no_grad():
             return self._evaluate()
@@ -462,38 +467,24 @@ class Trainer:
         return torch.random.fork_rng(devices=cuda)
 
     def _evaluate(self) -> dict[str, float]:
-        from ctrl_csc.eval.metrics import psnr
+        from ctrl_csc.eval.runner import evaluate_reconstructions
         from ctrl_csc.eval.visualize import reconstruction_grid
 
-        f, g = self.encoder, self.decoder
-        f.eval()
-        g.eval()
-        total, count, base, first = 0.0, 0, 0.0, None
-        densities: dict[str, list[float]] = {}
-        for x, _ in self.eval_loader:
-            x = x[: self.eval_images - count].to(self.ctx.device)
-            with self.game.autocast():
-                x_hat = g(f(x)).float().clamp(-1, 1)
-            total += psnr(x_hat, x).sum().item()
-            if self._mean_image is not None:
-                base += psnr(self._mean_image.expand_as(x), x).sum().item()
-            for prefix, m in (("enc", f), ("dec", g)):
-                for i, d in enumerate(getattr(m, "densities", list)()):
-                    if d is not None:
-                        densities.setdefault(f"density/{prefix}{i}", []).append(float(d))
-            if first is None:
-                first = (x[:32].cpu(), x_hat[:32].cpu())
-            count += len(x)
-            if count >= self.eval_images:
-                break
-        f.train()
-        g.train()
-        metrics = {"psnr": total / max(count, 1)}
-        if self._mean_image is not None:
-            metrics["psnr_mean_image"] = base / max(count, 1)
-        metrics.update({k: sum(v) / len(v) for k, v in densities.items()})
-        if first is not None:
-            reconstruction_grid(*first, self.output_dir / "samples" / f"step_{self.step:07d}.png")
+        result = evaluate_reconstructions(
+            self.encoder,
+            self.decoder,
+            self.eval_loader,
+            metrics=("psnr", "density"),
+            num_images=self.eval_images,
+            device=self.ctx.device,
+            num_samples=32,
+            progress=False,
+            autocast=self.game.autocast,
+            mean_image=self._mean_image,
+        )
+        metrics = {k: v for k, v in result.metrics.items() if k != "num_images"}
+        path = self.output_dir / "samples" / f"step_{self.step:07d}.png"
+        reconstruction_grid(result.inputs, result.reconstructions, path)
         log.info("eval step %d  %s", self.step, format_metrics(metrics))
         return metrics
 

@@ -3,6 +3,8 @@
 :func:`evaluate_reconstructions` makes one pass over the loader (no image is kept beyond a small
 sample for the reconstruction grid) and returns an :class:`EvaluationResult`: the metrics as floats
 plus that sample and the features/labels of the evaluated images (for the feature-subspace plot).
+It is the one evaluation path: ``ctrl-csc-eval`` and the trainer's held-out evaluation
+(:meth:`ctrl_csc.engine.Trainer.evaluate`) both call it.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +34,7 @@ from ctrl_csc.eval.metrics import (
     psnr,
     ssim,
 )
+from ctrl_csc.models import code_densities
 
 __all__ = ["ALL_METRICS", "EvaluationResult", "evaluate_reconstructions"]
 
@@ -56,8 +59,9 @@ class EvaluationResult:
 
     Attributes:
         metrics: name → float. Keys (those requested): ``psnr`` and ``ssim`` (means over images),
-            ``fid``, ``is`` and ``is_std``, ``density/enc{i}`` and ``density/dec{i}`` (fraction of
-            non-zero code entries of stage ``i``, mean over images), ``dictionary/enc{i}/moved``,
+            ``psnr_mean_image`` (with ``mean_image``), ``fid``, ``is`` and ``is_std``,
+            ``density/enc{i}`` and ``density/dec{i}`` (fraction of non-zero code entries of stage
+            ``i``, mean over images), ``dictionary/enc{i}/moved``,
             ``…/residual`` and ``…/residual_init`` (CSC stage ``i``'s dictionary: see
             :mod:`ctrl_csc.eval.dictionary`), ``nearest_subspace`` and ``linear_probe``
             (accuracies in ``[0, 1]``), and always ``num_images``.
@@ -105,11 +109,14 @@ def _progress(iterable: Iterable, enabled: bool, desc: str, total: int | None = 
     )
 
 
-def _densities(model: nn.Module) -> list[float | None] | None:
-    fn = getattr(model, "densities", None)
+def _forward(model: nn.Module, t: Tensor, codes: bool) -> tuple[Tensor, list[float | None] | None]:
+    """``model(t)`` and, when ``codes``, the densities of the codes it returns with
+    ``forward_with_codes`` (``None`` for a model without that method)."""
+    fn = getattr(model, "forward_with_codes", None) if codes else None
     if not callable(fn):
-        return None
-    return [None if d is None else float(d) for d in fn()]
+        return model(t), None
+    out, stage_codes = fn(t)
+    return out, code_densities(stage_codes)
 
 
 def _loader_len(loader) -> int | None:
@@ -160,6 +167,8 @@ def evaluate_reconstructions(
     num_samples: int = 64,
     progress: bool = True,
     initial_encoder: nn.Module | None = None,
+    autocast: Callable[[], AbstractContextManager] | None = None,
+    mean_image: Tensor | None = None,
 ) -> EvaluationResult:
     """Measure ``X̂ = g(f(X))`` over ``loader`` (CTRL protocol: FID/IS of X̂ against the same X).
 
@@ -167,7 +176,9 @@ def evaluate_reconstructions(
     at most ``num_images`` images. Reconstructions are clamped to ``[-1, 1]`` before any metric.
     PSNR/SSIM are averaged over images; FID features of X and X̂ are accumulated as streaming
     float64 mean/covariance and the logits of X̂ kept for IS — images themselves are not kept.
-    Code densities come from ``encoder.densities()`` / ``decoder.densities()`` after each batch.
+    Code densities are those of the codes ``encoder.forward_with_codes`` /
+    ``decoder.forward_with_codes`` return (:func:`ctrl_csc.models.code_densities`), averaged over
+    images; a stage whose output is not a code, or a model without that method, reports none.
     Feature accuracies fit on the features of ``probe_loader`` (e.g. the training split, at most
     ``probe_num_images`` images) and test on those of ``loader``; they are skipped with a warning
     when either has no labels, no probe loader is given, or the probe set has fewer than 2 classes.
@@ -192,6 +203,10 @@ def evaluate_reconstructions(
         progress: show a tqdm bar (only when stderr is a terminal).
         initial_encoder: the encoder at initialisation (same architecture), for the ``moved`` and
             ``residual_init`` dictionary metrics; ``None`` measures ``residual`` only.
+        autocast: a factory of the context the two models run in (e.g. the trainer's mixed
+            precision); ``None`` runs them as they are. Reconstructions are cast to float32.
+        mean_image: ``(1, C, H, W)``, a trivial reconstruction (e.g. the training set's mean
+            image): its mean PSNR against the evaluated images is ``psnr_mean_image``.
 
     Returns:
         :class:`EvaluationResult` (``.metrics`` holds the floats).
@@ -251,6 +266,8 @@ def evaluate_reconstructions(
                 is_splits,
                 progress,
                 probe,
+                autocast or nullcontext,
+                mean_image,
             )
         if "nearest_subspace" in wanted or "linear_probe" in wanted:
             _feature_accuracies(
@@ -282,9 +299,11 @@ def _run(
     is_splits,
     progress,
     probe=None,
+    autocast=nullcontext,
+    mean_image=None,
 ):
     n_seen = 0
-    sums = {"psnr": 0.0, "ssim": 0.0}
+    sums = {"psnr": 0.0, "ssim": 0.0, "psnr_mean_image": 0.0}
     dens_sum: dict[str, float] = {}
     dens_count: dict[str, int] = {}
     stats_real, stats_fake = GaussianStats(), GaussianStats()
@@ -308,9 +327,12 @@ def _run(
         if x.shape[0] == 0:
             break
         x = x.to(device, torch.float32)
+        codes = "density" in wanted
         try:
-            z = encoder(x)
-            xh = decoder(z).float().clamp(-1, 1)
+            with autocast():
+                z, enc_dens = _forward(encoder, x, codes)
+                xh, dec_dens = _forward(decoder, z, codes)
+            xh = xh.float().clamp(-1, 1)
         except RuntimeError as exc:  # shape errors from deep inside torch
             raise ValueError(
                 f"the model failed on images of shape {tuple(x.shape)} ({exc}); check that "
@@ -324,12 +346,14 @@ def _run(
         b = x.shape[0]
         if "psnr" in wanted:
             sums["psnr"] += float(psnr(x, xh).double().sum())
+        if mean_image is not None:
+            base = mean_image.to(x.device).expand_as(x)
+            sums["psnr_mean_image"] += float(psnr(x, base).double().sum())
         if "ssim" in wanted:
             sums["ssim"] += float(ssim(x, xh).double().sum())
-        if "density" in wanted:
+        if codes:
             found = False
-            for tag, model in (("enc", encoder), ("dec", decoder)):
-                dens = _densities(model)
+            for tag, dens in (("enc", enc_dens), ("dec", dec_dens)):
                 if dens is None:
                     continue
                 found = True
@@ -339,7 +363,7 @@ def _run(
                         dens_sum[key] = dens_sum.get(key, 0.0) + d * b
                         dens_count[key] = dens_count.get(key, 0) + b
             if not found and not warned_density:
-                log.warning("metric 'density' skipped: the models have no densities()")
+                log.warning("metric 'density' skipped: the models have no forward_with_codes()")
                 warned_density = True
         if fe is not None:
             f_fake, lg = fe(xh)
@@ -365,6 +389,8 @@ def _run(
     out: dict[str, float] = {}
     if "psnr" in wanted:
         out["psnr"] = sums["psnr"] / n_seen
+    if mean_image is not None:
+        out["psnr_mean_image"] = sums["psnr_mean_image"] / n_seen
     if "ssim" in wanted:
         out["ssim"] = sums["ssim"] / n_seen
     if "fid" in wanted:
