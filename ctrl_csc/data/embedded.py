@@ -80,7 +80,11 @@ def _read_mnist5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
 )  # fmt: skip
 def _build_mnist5k(split, image_size, flip, seed, test_size: int = 1000):
     """``test_size``: number of digits held out (class-balanced, chosen by ``seed``)."""
-    images, labels = _read_mnist5k(mnist5k_path())
+    return _digit_split(*_read_mnist5k(mnist5k_path()), split, image_size, seed, test_size)
+
+
+def _digit_split(images, labels, split, image_size, seed, test_size) -> ArrayImageDataset:
+    """Split ``split`` of a digit set: ``test_size`` digits held out, class-balanced by ``seed``."""
     train, test = stratified_split(labels, int(test_size), seed)
     idx = train if split == "train" else test
     return ArrayImageDataset(images[idx], labels[idx], _DIGITS, ImageTransform(image_size, "L"))
@@ -110,10 +114,7 @@ def _read_digits() -> tuple[np.ndarray, np.ndarray]:
 )  # fmt: skip
 def _build_digits(split, image_size, flip, seed, test_size: int = 297):
     """``test_size``: number of digits held out (class-balanced, chosen by ``seed``)."""
-    images, labels = _read_digits()
-    train, test = stratified_split(labels, int(test_size), seed)
-    idx = train if split == "train" else test
-    return ArrayImageDataset(images[idx], labels[idx], _DIGITS, ImageTransform(image_size, "L"))
+    return _digit_split(*_read_digits(), split, image_size, seed, test_size)
 
 
 # ---------------------------------------------------------------------------------- natural_patches

@@ -53,6 +53,41 @@ def _download_archive(url: str, root: str, filename: str, md5: str) -> None:
     download_and_extract_archive(url, root, filename=filename, md5=md5)
 
 
+def _archive_folder(
+    name: str, root: Path, download: bool, archive, url: str, needed, layout: str,
+    size: str = "", scope: str = "",
+) -> Path:  # fmt: skip
+    """The folder of a dataset that torchvision fetches as one tar archive (CIFAR-10, STL-10):
+    ``root/<archive.base_folder>``, or ``root`` itself when it is that folder. With ``download``,
+    missing ``needed`` files are fetched; still missing, a missing-data error lists them.
+
+    ``archive``: the torchvision dataset class (``base_folder``, ``url``, ``filename``,
+    ``tgz_md5``); ``layout``: the expected files, shown after the folder in the error; ``size``
+    / ``scope``: notes in the manual-download and the missing-files sentences."""
+    folder = root / archive.base_folder
+    if root.name == archive.base_folder and not folder.is_dir():
+        folder = root  # accept e.g. cifar-10-batches-py/ itself
+    if _missing(folder, needed) and download:
+        run_download(
+            name,
+            root,
+            lambda: _download_archive(
+                archive.url, str(root), filename=archive.filename, md5=archive.tgz_md5
+            ),
+            f"download {url}{size} and extract it in {root}/.",
+        )
+    missing = _missing(folder, needed)
+    if missing:
+        raise missing_data_error(
+            name,
+            root,
+            f"  {root / archive.base_folder}/{layout}",
+            f"Set dataset.download=true to fetch it with torchvision, or extract {url} "
+            f"there. Missing{scope}: {', '.join(missing)}.",
+        )
+    return folder
+
+
 # ------------------------------------------------------------------------------------------- MNIST
 _MNIST_RAW = (
     "train-images-idx3-ubyte",
@@ -113,28 +148,11 @@ _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 def _build_cifar10(split, root, image_size, download, flip, seed):
     from torchvision.datasets import CIFAR10
 
-    folder = root / CIFAR10.base_folder
-    if root.name == CIFAR10.base_folder and not folder.is_dir():
-        folder = root  # accept cifar-10-batches-py/ itself
-    names = CIFAR10_FILES["train"] + CIFAR10_FILES["test"]
-    if _missing(folder, names) and download:
-        run_download(
-            "cifar10",
-            root,
-            lambda: _download_archive(
-                CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5
-            ),
-            f"download {_CIFAR_URL} and extract it in {root}/.",
-        )
-    if _missing(folder, names):
-        raise missing_data_error(
-            "cifar10",
-            root,
-            f"  {root / CIFAR10.base_folder}/{{data_batch_1..5, test_batch, batches.meta}}  "
-            "(CIFAR-10 python version)",
-            f"Set dataset.download=true to fetch it with torchvision, or extract {_CIFAR_URL} "
-            f"there. Missing: {', '.join(_missing(folder, names))}.",
-        )
+    folder = _archive_folder(
+        "cifar10", root, download, CIFAR10, _CIFAR_URL,
+        CIFAR10_FILES["train"] + CIFAR10_FILES["test"],
+        "{data_batch_1..5, test_batch, batches.meta}  (CIFAR-10 python version)",
+    )  # fmt: skip
     images, labels, classes = read_cifar10(folder, split)
     return ArrayImageDataset(images, labels, classes, ImageTransform(image_size, flip=flip))
 
@@ -156,28 +174,13 @@ def _build_stl10(split, root, image_size, download, flip, seed, unlabeled: bool 
 
     if split == "train" and unlabeled:
         split = "train+unlabeled"
-    folder = root / STL10.base_folder
-    if root.name == STL10.base_folder and not folder.is_dir():
-        folder = root
-    needed = sorted({n for x, y in STL10_FILES[split] for n in (x, y) if n is not None})
-    if _missing(folder, needed) and download:
-        run_download(
-            "stl10",
-            root,
-            lambda: _download_archive(
-                STL10.url, str(root), filename=STL10.filename, md5=STL10.tgz_md5
-            ),
-            f"download {_STL_URL} (2.6 GB) and extract it in {root}/.",
-        )
-    if _missing(folder, needed):
-        raise missing_data_error(
-            "stl10",
-            root,
-            f"  {root / STL10.base_folder}/{{train_X.bin, train_y.bin, test_X.bin, test_y.bin, "
-            "unlabeled_X.bin, class_names.txt}}  (STL-10 binary version)",
-            f"Set dataset.download=true to fetch it with torchvision, or extract {_STL_URL} "
-            f"there. Missing for split={split}: {', '.join(_missing(folder, needed))}.",
-        )
+    folder = _archive_folder(
+        "stl10", root, download, STL10, _STL_URL,
+        sorted({n for x, y in STL10_FILES[split] for n in (x, y) if n is not None}),
+        "{train_X.bin, train_y.bin, test_X.bin, test_y.bin, unlabeled_X.bin, class_names.txt}  "
+        "(STL-10 binary version)",
+        size=" (2.6 GB)", scope=f" for split={split}",
+    )  # fmt: skip
     classes = [str(i) for i in range(10)]
     names_file = folder / "class_names.txt"
     if names_file.is_file():
