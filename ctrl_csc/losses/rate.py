@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -486,20 +487,27 @@ def coding_rate(Z: Tensor, eps_sq: float = 0.5, float64: bool = False) -> Tensor
 
 
 def _labelled(
-    Z: Tensor, labels: Tensor, num_classes: int | None, eps_sq: float, float64: bool
-) -> tuple[Rates, Tensor]:
-    """Validates a labelled call and computes the global and class rates of ``Z``.
-
-    Returns ``(rates, class weights n_j/n of shape (K',))``.
-    """
-    eps_sq = check_eps_sq(eps_sq)
-    num_classes = check_num_classes(num_classes)
-    _check_features_shape(Z, "Z")
-    check_labels_shape(labels, Z.shape[0])
-    part = Partition.of(labels.to(device=Z.device, dtype=torch.long), num_classes)
-    Zc = _prepare(Z, float64)
-    r = batched_rates(Zc[None], eps_sq, part)
-    return r, part.counts.to(Zc.dtype) / Z.shape[0]
+    Z: Tensor,
+    labels: Tensor,
+    num_classes: int | None,
+    eps_sq: float,
+    float64: bool,
+    value: Callable[[Rates, Tensor], Tensor],
+) -> Tensor:
+    """Validates a labelled call, computes the global and class rates of ``Z`` and returns
+    ``value(rates, class weights n_j/n of shape (K',))`` in ``Z``'s result dtype (raising if a
+    factorisation failed)."""
+    with no_autocast(Z.device):
+        eps_sq = check_eps_sq(eps_sq)
+        num_classes = check_num_classes(num_classes)
+        _check_features_shape(Z, "Z")
+        check_labels_shape(labels, Z.shape[0])
+        part = Partition.of(labels.to(device=Z.device, dtype=torch.long), num_classes)
+        Zc = _prepare(Z, float64)
+        r = batched_rates(Zc[None], eps_sq, part)
+        out = value(r, part.counts.to(Zc.dtype) / Z.shape[0])
+        raise_if_failed(r.ok, [out], Z=Z)
+        return out.to(result_dtype(Z.dtype))
 
 
 def compressed_coding_rate(
@@ -523,11 +531,10 @@ def compressed_coding_rate(
     Returns:
         0-dim tensor, differentiable with respect to ``Z``.
     """
-    with no_autocast(Z.device):
-        r, w = _labelled(Z, labels, num_classes, eps_sq, float64)
-        out = (w * r.cls.sep[:, 0]).sum()  # type: ignore[union-attr]
-        raise_if_failed(r.ok, [out], Z=Z)
-        return out.to(result_dtype(Z.dtype))
+    return _labelled(
+        Z, labels, num_classes, eps_sq, float64,
+        lambda r, w: (w * r.cls.sep[:, 0]).sum(),  # type: ignore[union-attr]
+    )  # fmt: skip
 
 
 def rate_reduction(
@@ -549,11 +556,10 @@ def rate_reduction(
     Returns:
         0-dim tensor, differentiable with respect to ``Z``.
     """
-    with no_autocast(Z.device):
-        r, w = _labelled(Z, labels, num_classes, eps_sq, float64)
-        out = r.glob.sep[0, 0] - (w * r.cls.sep[:, 0]).sum()  # type: ignore[union-attr]
-        raise_if_failed(r.ok, [out], Z=Z)
-        return out.to(result_dtype(Z.dtype))
+    return _labelled(
+        Z, labels, num_classes, eps_sq, float64,
+        lambda r, w: r.glob.sep[0, 0] - (w * r.cls.sep[:, 0]).sum(),  # type: ignore[union-attr]
+    )  # fmt: skip
 
 
 def pairwise_rate_reduction(
