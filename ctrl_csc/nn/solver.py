@@ -22,8 +22,10 @@ Cost. ``Aᵀu`` is computed once, so ``T`` iterations take ``2T − 1`` convolut
     c = a(Aᵀu − λ·[x ≥ 0 constraint])    (one convolution with weight a·W and bias −aλ)
     x_{t+1} = shrink(s·y_t + c − a·AᵀA y_t, aλ)     (threshold already inside c when x ≥ 0)
 
-so the step size and the non-negative threshold ride on the (small) convolution weight and bias and
-each iteration adds three elementwise passes (plus one ``lerp`` for the FISTA momentum).
+so the step size and the non-negative threshold ride on the (small) convolution weight and bias.
+The sign of ``−a·AᵀA y_t`` rides on the weight too, so each iteration adds ``s·y_t`` and ``c`` to
+the convolution's output in place and applies the prox there: three elementwise passes and no
+new tensor (plus one ``lerp`` for the FISTA momentum).
 
 The Lipschitz constant comes from :func:`power_iteration` on a persistent, warm-started vector kept
 by :class:`UnrolledLasso`, and is never backpropagated through.
@@ -55,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .prox import shrink
+from .stage import ALGORITHMS, BACKWARDS, check_options, check_relations
 
 __all__ = [
     "ALGORITHMS",
@@ -69,8 +72,6 @@ __all__ = [
     "UnrolledLasso",
 ]
 
-ALGORITHMS = ("ista", "fista")
-BACKWARDS = ("unrolled", "checkpoint", "implicit")
 
 Callback = Callable[[int, Tensor], None]
 
@@ -186,21 +187,24 @@ def fista_momentum(n_iter: int) -> list[float]:
 def proximal_gradient_step(
     y: Tensor,
     c: Tensor,
-    h: Tensor,
+    g: Tensor,
     s: Tensor | float | None,
     theta: Tensor | float,
     nonnegative: bool,
 ) -> Tensor:
     """One fused proximal-gradient step ``x⁺ = prox(y − η(AᵀA y − Aᵀu))``.
 
-    With ``a = η/(1+ημ)`` and ``s = 1/(1+ημ)``: ``x⁺ = shrink(s·y + c − h, aλ)``, where
+    With ``a = η/(1+ημ)`` and ``s = 1/(1+ημ)``: ``x⁺ = shrink(g + s·y + c, aλ)``, where
     ``c = a·Aᵀu`` (signed) or ``a·(Aᵀu − λ)`` (non-negative, whose threshold is then already
-    applied, leaving ``max(·, 0)``) and ``h = a·AᵀA y``.
+    applied, leaving ``max(·, 0)``) and ``g = −a·AᵀA y`` (the sign rides on the convolution's
+    weight). ``x⁺`` is built in ``g``'s memory: two in-place adds and the prox, no new tensor for
+    the non-negative case.
 
     Args:
         y: extrapolated point ``(N, C, h, w)``.
         c: ``(N, C, h, w)``, see above; not modified.
-        h: ``(N, C, h, w)``, see above; consumed (may be overwritten).
+        g: ``(N, C, h, w)``, see above; consumed (overwritten with ``x⁺``). It must not be needed
+            by autograd (a convolution's output is not).
         s: ``1/(1+ημ)``, or ``None`` when ``μ = 0``.
         theta: ``aλ`` (only used when not ``nonnegative``).
         nonnegative: whether ``x ≥ 0`` is imposed.
@@ -209,12 +213,12 @@ def proximal_gradient_step(
         ``x⁺`` of the shape of ``y``.
     """
     if s is None:
-        v = torch.add(c, y)
+        v = g.add_(y)
     elif isinstance(s, Tensor):
-        v = torch.addcmul(c, y, s)
+        v = g.addcmul_(y, s)
     else:
-        v = torch.add(c, y, alpha=s)
-    v = v.sub_(h)
+        v = g.add_(y, alpha=s)
+    v = v.add_(c)
     if nonnegative:
         return v.relu_()
     return shrink(v, theta)
@@ -295,12 +299,12 @@ def _run_iterations(
     ``(x_last, x_{last−1})``.
     """
     op = replace(operator, weight=weight)
-    scaled = replace(operator, weight=weight_scaled)
+    descent = replace(operator, weight=-weight_scaled)  # −a·A: its adjoint gives −a·AᵀA y
     for t in range(first, last):
         beta = betas[t - 1]
         y = z if beta == 0.0 else torch.lerp(z, z_prev, -beta)  # z + β(z − z_prev)
-        h = scaled.adjoint(op.apply(y))
-        z_prev, z = z, proximal_gradient_step(y, c, h, s, theta, nonnegative)
+        g = descent.adjoint(op.apply(y))
+        z_prev, z = z, proximal_gradient_step(y, c, g, s, theta, nonnegative)
         if callback is not None:
             callback(t + 1, z)
     return z, z_prev
@@ -646,57 +650,6 @@ def _inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
-def check_solver_options(
-    lmbda: float,
-    mu: float,
-    n_iter: int,
-    algorithm: str,
-    learn_lmbda: bool,
-    power_iters: int,
-    init_power_iters: int,
-    owner: str,
-    lmbda_relative: bool = False,
-    backward: str = "unrolled",
-    learn_step: bool = False,
-    compile: bool = False,
-) -> None:
-    """Raise a ``ValueError`` naming the setting for an invalid solver option."""
-    if not lmbda >= 0:
-        raise ValueError(f"{owner}: lmbda must be >= 0, got {lmbda}")
-    if lmbda_relative and not lmbda < 1:
-        raise ValueError(
-            f"{owner}: with lmbda_relative=True, lmbda is a fraction of λ_max = ‖Dᵀu‖_∞ and "
-            f"must be < 1 (λ >= λ_max makes every code zero), got {lmbda}"
-        )
-    if not mu >= 0:
-        raise ValueError(f"{owner}: mu must be >= 0, got {mu}")
-    if not isinstance(n_iter, int) or n_iter < 1:
-        raise ValueError(f"{owner}: n_iter must be an integer >= 1, got {n_iter!r}")
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"{owner}: algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    if learn_lmbda and lmbda == 0:
-        raise ValueError(
-            f"{owner}: learn_lmbda=True needs lmbda > 0 (λ = softplus(ρ) is kept positive)"
-        )
-    if not isinstance(power_iters, int) or power_iters < 0:
-        raise ValueError(f"{owner}: power_iters must be an integer >= 0, got {power_iters!r}")
-    if not isinstance(init_power_iters, int) or init_power_iters < 1:
-        raise ValueError(
-            f"{owner}: init_power_iters must be an integer >= 1, got {init_power_iters!r}"
-        )
-    if backward not in BACKWARDS:
-        raise ValueError(f"{owner}: backward must be one of {BACKWARDS}, got {backward!r}")
-    if backward == "implicit" and learn_step:
-        raise ValueError(
-            f"{owner}: backward='implicit' differentiates the converged Lasso solution, which "
-            f"does not depend on the step size, so a learned step (learn_step=True) would get no "
-            f"gradient; use backward='unrolled' or 'checkpoint' with learn_step, or "
-            f"learn_step=False"
-        )
-    if not isinstance(compile, bool):
-        raise ValueError(f"{owner}: compile must be true or false, got {compile!r}")
-
-
 class UnrolledLasso(nn.Module):
     """Unrolled ISTA/FISTA with its own step size, threshold and Lipschitz estimate.
 
@@ -767,10 +720,13 @@ class UnrolledLasso(nn.Module):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        check_solver_options(
-            lmbda, mu, n_iter, algorithm, learn_lmbda, power_iters, init_power_iters,
-            "UnrolledLasso", lmbda_relative, backward, learn_step, compile,
+        options = dict(
+            lmbda=lmbda, mu=mu, n_iter=n_iter, algorithm=algorithm, learn_lmbda=learn_lmbda,
+            learn_step=learn_step, power_iters=power_iters, init_power_iters=init_power_iters,
+            lmbda_relative=lmbda_relative, backward=backward, compile=compile,
         )  # fmt: skip
+        check_options(options, "UnrolledLasso: ")
+        check_relations(options, "UnrolledLasso: ")
         self.channels = int(channels)
         self.backward = backward
         self.compile = compile

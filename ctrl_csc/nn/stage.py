@@ -26,9 +26,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .solver import ALGORITHMS, BACKWARDS
-
 __all__ = [
+    "ALGORITHMS",
+    "BACKWARDS",
     "CHECKS",
     "KINDS",
     "RELATIONS",
@@ -47,6 +47,9 @@ __all__ = [
 
 #: The kinds of a decoder stage (:class:`~ctrl_csc.nn.SparseDeconvLayer`).
 KINDS = ("synthesis", "inverse_csc")
+#: The solver's algorithms and its ways of differentiating (:mod:`ctrl_csc.nn.solver`).
+ALGORITHMS = ("ista", "fista")
+BACKWARDS = ("unrolled", "checkpoint", "implicit")
 
 
 # ---- geometry -----------------------------------------------------------------------------------
