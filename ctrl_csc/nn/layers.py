@@ -246,9 +246,7 @@ class CSCLayer(nn.Module):
             size = (int(input_size[0]), int(input_size[1]))
             with torch.no_grad():
                 op = self.operator(size)
-            self.solver.update_lipschitz(
-                op, self.code_size(size), size, refresh=False
-            )
+            self.solver.update_lipschitz(op, self.code_size(size), size, refresh=False)
         return self.solver.lipschitz()
 
     def density(self) -> Tensor | None:
