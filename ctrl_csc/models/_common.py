@@ -122,7 +122,7 @@ def code_densities(codes: Sequence[Tensor | None]) -> list[float | None]:
 
 
 class _StagedModel(nn.Module):
-    """``forward`` and ``forward_with_codes`` of a model made of ``self.stages``.
+    """``forward_with_codes`` of a model made of ``self.stages`` (``forward`` is ``_run(x, None)``).
 
     Subclasses implement ``_run(x, outs)``, which returns the output and appends every stage's
     output to ``outs`` when it is a list, and say in ``_is_code`` which of those are codes.
@@ -141,7 +141,8 @@ class _StagedModel(nn.Module):
         """``(forward(x), codes)``: ``codes[i]`` is stage ``i``'s output ``(N, C_i, H_i, W_i)``,
         or ``None`` where that output is not a code (an image, a ``synthesis`` stage's output).
 
-        The same computation as ``forward`` (with its graph); nothing is kept on the model.
+        The same computation as ``forward`` (with its graph); nothing is kept on the model. It
+        calls ``_run`` directly: hooks on the model itself do not run, those on its stages do.
         """
         outs: list[Tensor] = []
         out = self._run(x, outs)
