@@ -109,7 +109,6 @@ def test_lipschitz_tracks_dictionary_changes_in_eval():
     assert after != before
 
 
-
 def test_eval_reuses_the_estimate_until_the_weight_changes(monkeypatch):
     import ctrl_csc.nn.solver as solver_module
 
@@ -132,6 +131,7 @@ def test_eval_reuses_the_estimate_until_the_weight_changes(monkeypatch):
         layer.weight.copy_(layer.weight.clone())  # written in place but equal: nothing to redo
     layer(x)
     assert calls == [7, 7]
+
 
 def test_training_mode_refreshes_each_forward_and_not_through_autograd():
     layer = CSCLayer(2, 3, 3, power_iters=1, init_power_iters=2)
@@ -287,3 +287,24 @@ def test_init_std_sets_the_stored_scale_not_the_operator():
     for bad in (0.0, -1.0, True):
         with pytest.raises(ValueError, match="init_std"):
             CSCLayer(4, 8, 3, init_std=bad)
+
+
+@pytest.mark.parametrize("kernel_size, padding", [(3, 1), (3, 0), (3, 2), (4, 1), (1, 0), (3, 3)])
+@pytest.mark.parametrize("transposed", [True, False])
+def test_stride_one_transposed_convolution_is_the_library_one(kernel_size, padding, transposed):
+    """At stride 1 the transposed convolution runs as a convolution with the flipped kernel
+    (padding k − 1 − p; p ≥ k falls back to conv_transpose2d): the same values and gradients as
+    torch's conv_transpose2d, in float64."""
+    from ctrl_csc.nn.solver import StridedConv
+
+    w = torch.randn(5, 3, kernel_size, kernel_size, dtype=F64, requires_grad=True)
+    op = StridedConv(w, 1, padding, (0, 0), transposed)
+    x = torch.randn(2, 5, 7, 6, dtype=F64, requires_grad=True)  # coarse: weight.shape[0] channels
+    got = op.apply(x) if transposed else op.adjoint(x)
+    want = torch.nn.functional.conv_transpose2d(x, w, None, 1, padding)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(want)
+    grads = torch.autograd.grad((got * g).sum(), (x, w))
+    expected = torch.autograd.grad((want * g).sum(), (x, w))
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -22,10 +22,9 @@ Cost. ``Aᵀu`` is computed once, so ``T`` iterations take ``2T − 1`` convolut
     c = a(Aᵀu − λ·[x ≥ 0 constraint])    (one convolution with weight a·W and bias −aλ)
     x_{t+1} = shrink(s·y_t + c − a·AᵀA y_t, aλ)     (threshold already inside c when x ≥ 0)
 
-so the step size and the non-negative threshold ride on the (small) convolution weight and bias.
-The sign of ``−a·AᵀA y_t`` rides on the weight too, so each iteration adds ``s·y_t`` and ``c`` to
-the convolution's output in place and applies the prox there: three elementwise passes and no
-new tensor (plus one ``lerp`` for the FISTA momentum).
+so the step size and the non-negative threshold ride on the (small) convolution weight and bias and
+each iteration adds three elementwise passes (plus one ``lerp`` for the FISTA momentum). At stride
+1 the transposed convolution runs as a convolution with the flipped kernel (:class:`StridedConv`).
 
 The Lipschitz constant comes from :func:`power_iteration` on a persistent, warm-started vector kept
 by :class:`UnrolledLasso`, and is never backpropagated through.
@@ -109,6 +108,13 @@ class StridedConv:
         return F.conv2d(x, self.weight, bias, self.stride, self.padding)
 
     def _conv_t(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        k = self.weight.shape[-1]
+        if self.stride == 1 and self.padding < k:
+            # at stride 1 the transposed convolution is the convolution with the kernel's
+            # channels swapped and rotated by 180° and padding k − 1 − p: the same map, and a
+            # faster kernel on CPU (bench_csc: 12.0 instead of 14–16 conv-equivalents at T = 5)
+            flipped = self.weight.transpose(0, 1).flip(2, 3)  # a copy of the (small) kernel
+            return F.conv2d(x, flipped, bias, 1, k - 1 - self.padding)
         return F.conv_transpose2d(
             x, self.weight, bias, self.stride, self.padding, self.output_padding
         )
@@ -187,24 +193,21 @@ def fista_momentum(n_iter: int) -> list[float]:
 def proximal_gradient_step(
     y: Tensor,
     c: Tensor,
-    g: Tensor,
+    h: Tensor,
     s: Tensor | float | None,
     theta: Tensor | float,
     nonnegative: bool,
 ) -> Tensor:
     """One fused proximal-gradient step ``x⁺ = prox(y − η(AᵀA y − Aᵀu))``.
 
-    With ``a = η/(1+ημ)`` and ``s = 1/(1+ημ)``: ``x⁺ = shrink(g + s·y + c, aλ)``, where
+    With ``a = η/(1+ημ)`` and ``s = 1/(1+ημ)``: ``x⁺ = shrink(s·y + c − h, aλ)``, where
     ``c = a·Aᵀu`` (signed) or ``a·(Aᵀu − λ)`` (non-negative, whose threshold is then already
-    applied, leaving ``max(·, 0)``) and ``g = −a·AᵀA y`` (the sign rides on the convolution's
-    weight). ``x⁺`` is built in ``g``'s memory: two in-place adds and the prox, no new tensor for
-    the non-negative case.
+    applied, leaving ``max(·, 0)``) and ``h = a·AᵀA y``.
 
     Args:
         y: extrapolated point ``(N, C, h, w)``.
         c: ``(N, C, h, w)``, see above; not modified.
-        g: ``(N, C, h, w)``, see above; consumed (overwritten with ``x⁺``). It must not be needed
-            by autograd (a convolution's output is not).
+        h: ``(N, C, h, w)``, see above; consumed (may be overwritten).
         s: ``1/(1+ημ)``, or ``None`` when ``μ = 0``.
         theta: ``aλ`` (only used when not ``nonnegative``).
         nonnegative: whether ``x ≥ 0`` is imposed.
@@ -213,12 +216,12 @@ def proximal_gradient_step(
         ``x⁺`` of the shape of ``y``.
     """
     if s is None:
-        v = g.add_(y)
+        v = torch.add(c, y)
     elif isinstance(s, Tensor):
-        v = g.addcmul_(y, s)
+        v = torch.addcmul(c, y, s)
     else:
-        v = g.add_(y, alpha=s)
-    v = v.add_(c)
+        v = torch.add(c, y, alpha=s)
+    v = v.sub_(h)
     if nonnegative:
         return v.relu_()
     return shrink(v, theta)
@@ -299,12 +302,12 @@ def _run_iterations(
     ``(x_last, x_{last−1})``.
     """
     op = replace(operator, weight=weight)
-    descent = replace(operator, weight=-weight_scaled)  # −a·A: its adjoint gives −a·AᵀA y
+    scaled = replace(operator, weight=weight_scaled)
     for t in range(first, last):
         beta = betas[t - 1]
         y = z if beta == 0.0 else torch.lerp(z, z_prev, -beta)  # z + β(z − z_prev)
-        g = descent.adjoint(op.apply(y))
-        z_prev, z = z, proximal_gradient_step(y, c, g, s, theta, nonnegative)
+        h = scaled.adjoint(op.apply(y))
+        z_prev, z = z, proximal_gradient_step(y, c, h, s, theta, nonnegative)
         if callback is not None:
             callback(t + 1, z)
     return z, z_prev
