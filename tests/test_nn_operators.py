@@ -1,5 +1,5 @@
 """Operators of the CSC / sparse-deconvolution stages: adjointness, shapes, Lipschitz constant,
-errors, state dict and density."""
+errors, state dict and code density."""
 
 import io
 import math
@@ -238,19 +238,21 @@ def test_deconv_state_dict_round_trip():
     torch.testing.assert_close(dst(z), src(z), rtol=0, atol=0)
 
 
-def test_density():
+def test_codes_are_sparse_and_densities_are_counted_from_them():
+    """A stage's density is counted from the code it returns (the layers keep no state of their
+    last forward): exact non-zeros, strictly between 0 and 1 at these λ."""
+    from ctrl_csc.models import code_densities
+
     layer = CSCLayer(3, 8, 3, lmbda=0.5)
-    assert layer.density() is None
     z = layer(torch.randn(4, 3, 8, 8))
-    d = layer.density()
-    assert d.dim() == 0 and not d.requires_grad
-    assert float(d) == pytest.approx(float((z != 0).float().mean()))
-    assert 0.0 < float(d) < 1.0
+    (d,) = code_densities([z])
+    assert d == pytest.approx(float((z != 0).float().mean()))
+    assert 0.0 < d < 1.0
     deconv = SparseDeconvLayer(8, 3, 3, kind="inverse_csc", lmbda=0.2)
     v = deconv(z)
-    assert float(deconv.density()) == pytest.approx(float((v != 0).float().mean()))
+    assert code_densities([v])[0] == pytest.approx(float((v != 0).float().mean()))
     assert SparseDeconvLayer(8, 3, 3, kind="synthesis")(z).shape == (4, 3, 8, 8)
-    assert SparseDeconvLayer(8, 3, 3, kind="synthesis").density() is None
+    assert code_densities([None]) == [None]
 
 
 def test_normalized_atoms_and_float32():

@@ -249,10 +249,6 @@ class CSCLayer(nn.Module):
             self.solver.update_lipschitz(op, self.code_size(size), size, refresh=False)
         return self.solver.lipschitz()
 
-    def density(self) -> Tensor | None:
-        """Fraction of non-zero entries of the last code (0-dim, detached), ``None`` before any."""
-        return self.solver.density()
-
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -435,10 +431,6 @@ class SparseDeconvLayer(nn.Module):
                 op = self.operator(coarse, fine)
             solver.update_lipschitz(op, fine, coarse, refresh=False)
         return solver.lipschitz()
-
-    def density(self) -> Tensor | None:
-        """Fraction of non-zeros of the last output (``inverse_csc``); ``None`` for synthesis."""
-        return None if self.solver is None else self.solver.density()
 
     def extra_repr(self) -> str:
         return (

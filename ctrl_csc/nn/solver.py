@@ -754,7 +754,6 @@ class UnrolledLasso(nn.Module):
         self.register_buffer("lipschitz_shape", torch.zeros(4, dtype=torch.long))
         self._lip_key: tuple[int, ...] | None = None  # mirrors lipschitz_shape (no device sync)
         self._lip_weight: Tensor | None = None  # the operator weight the estimate belongs to
-        self._last_code: Tensor | None = None
 
     # ---- parameters -------------------------------------------------------------------------
     @property
@@ -865,7 +864,6 @@ class UnrolledLasso(nn.Module):
             fused=self._fused(), implicit_max_iter=self.implicit_max_iter,
             implicit_tol=self.implicit_tol,
         )  # fmt: skip
-        self._last_code = z.detach()
         return z
 
     def _fused(self) -> bool:
@@ -898,7 +896,7 @@ class UnrolledLasso(nn.Module):
     ) -> Tensor:
         """Lasso objective after each iteration, with the step size ``forward`` uses.
 
-        Does not run the per-step training power iterations, nor touch the last code.
+        Does not run the per-step training power iterations.
 
         Returns:
             ``(n_iter + 1, N)``: row 0 is ``x₀ = 0``, row ``t`` is ``x_t``.
@@ -917,13 +915,6 @@ class UnrolledLasso(nn.Module):
             self.nonnegative, callback=record, lmbda_relative=self.lmbda_relative,
         )  # fmt: skip
         return torch.stack(rows)
-
-    def density(self) -> Tensor | None:
-        """Fraction of non-zero entries of the last code (0-dim, detached), or ``None``."""
-        if self._last_code is None:
-            return None
-        z = self._last_code
-        return torch.count_nonzero(z).to(z.dtype) / max(z.numel(), 1)
 
     # ---- state dict -------------------------------------------------------------------------
     def _load_from_state_dict(
