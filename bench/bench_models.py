@@ -95,7 +95,7 @@ def main() -> None:
     for name, (cfg, _, _, c, s, ne, nd) in models.items():
         row = {
             "config": name,
-            "family": cfg.get("family"),
+            "encoder": str(cfg.encoder._target_).rsplit(".", 1)[-1],
             "image": [c, s, s],
             "batch": args.batch,
             "threads": args.threads,

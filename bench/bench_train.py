@@ -56,7 +56,7 @@ from ctrl_csc.engine import CTRLStep, Game
 from ctrl_csc.engine.distributed import DistContext
 from ctrl_csc.losses import CTRLObjective
 from ctrl_csc.nn import CSCLayer, SparseDeconvLayer
-from ctrl_csc.nn.layers import transposed_output_padding
+from ctrl_csc.nn.stage import transposed_output_padding
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 REFERENCE_POWER_ITERS = 20

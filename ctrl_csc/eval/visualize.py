@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from ctrl_csc.nn.layers import conv_output_size
+from ctrl_csc.nn.stage import conv_output_size
 
 __all__ = [
     "dictionary_atoms",

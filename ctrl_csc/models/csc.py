@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ctrl_csc.nn.layers import conv_output_size
+from ctrl_csc.nn.stage import code_size
 
 from ._common import (
     ImageDecoder,
@@ -40,16 +40,11 @@ def _stage_size(
     size: tuple[int, int], spec: CSCStageSpec | DeconvStageSpec, where: str, image_size: Any
 ) -> tuple[int, int]:
     """Code size after a conv2d-arithmetic stage; ``ValueError`` if it falls below 1x1."""
-    p = spec.kernel_size // 2 if spec.padding is None else spec.padding
-    out = tuple(conv_output_size(s, spec.kernel_size, spec.stride, p) for s in size)
-    if min(out) < 1:
-        raise ValueError(
-            f"dataset.image_size={image_size} is too small for this model: {where} "
-            f"(kernel_size={spec.kernel_size}, stride={spec.stride}, padding={p}) would turn a "
-            f"{size[0]}x{size[1]} input into {out[0]}x{out[1]}; use a larger image size or a "
-            f"model config with fewer strided stages"
-        )
-    return out  # type: ignore[return-value]
+    return code_size(
+        size, spec.kernel_size, spec.stride, spec.padding, f"this model ({where})",
+        source=f"dataset.image_size={image_size}",
+        advice="use a larger image size or a model config with fewer strided stages",
+    )  # fmt: skip
 
 
 def _build(where: str, cls: type[nn.Module], **kwargs: Any) -> nn.Module:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from ctrl_csc.nn.layers import conv_output_size
+from ctrl_csc.nn.stage import conv_output_size
 
 from ._common import (
     ImageDecoder,
