@@ -130,6 +130,20 @@ class _StagedModel(nn.Module):
 
     stages: nn.ModuleList
 
+    def __init__(
+        self, channels_name: str, channels: int, image_size: int | Sequence[int], feature_dim: int
+    ) -> None:
+        """Check and set the geometry: ``self.<channels_name>`` (the image channels, from
+        ``dataset.channels``), ``image_size`` ``(H, W)`` and ``feature_dim``."""
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"{channels_name} (dataset.channels) must be >= 1, got {channels}")
+        if feature_dim < 1:
+            raise ValueError(f"feature_dim must be >= 1, got {feature_dim}")
+        setattr(self, channels_name, int(channels))
+        self.image_size = as_size(image_size, "image_size (dataset.image_size)")
+        self.feature_dim = int(feature_dim)
+
     def _run(self, x: Tensor, outs: list[Tensor] | None) -> Tensor:
         raise NotImplementedError
 
@@ -162,17 +176,12 @@ class ImageEncoder(_StagedModel):
         normalize: whether features are projected onto the unit sphere.
     """
 
+    in_channels: int
+
     def __init__(
         self, in_channels: int, image_size: int | Sequence[int], feature_dim: int, normalize: bool
     ) -> None:
-        super().__init__()
-        if in_channels < 1:
-            raise ValueError(f"in_channels (dataset.channels) must be >= 1, got {in_channels}")
-        if feature_dim < 1:
-            raise ValueError(f"feature_dim must be >= 1, got {feature_dim}")
-        self.in_channels = int(in_channels)
-        self.image_size = as_size(image_size, "image_size (dataset.image_size)")
-        self.feature_dim = int(feature_dim)
+        super().__init__("in_channels", in_channels, image_size, feature_dim)
         self.normalize = bool(normalize)
 
     def check_input(self, x: Tensor) -> None:
@@ -237,18 +246,12 @@ class ImageDecoder(_StagedModel):
     """
 
     last_stage_is_image = False
+    out_channels: int
 
     def __init__(
         self, out_channels: int, image_size: int | Sequence[int], feature_dim: int
     ) -> None:
-        super().__init__()
-        if out_channels < 1:
-            raise ValueError(f"out_channels (dataset.channels) must be >= 1, got {out_channels}")
-        if feature_dim < 1:
-            raise ValueError(f"feature_dim must be >= 1, got {feature_dim}")
-        self.out_channels = int(out_channels)
-        self.image_size = as_size(image_size, "image_size (dataset.image_size)")
-        self.feature_dim = int(feature_dim)
+        super().__init__("out_channels", out_channels, image_size, feature_dim)
 
     def check_input(self, z: Tensor) -> None:
         """Raise ``ValueError`` unless ``z`` is ``(N, feature_dim)``."""
