@@ -265,3 +265,25 @@ def test_compiled_solver_agrees_with_eager(mode, options):
     for name in gp0:
         assert gp0[name].abs().max() > 0, name
         torch.testing.assert_close(gp1[name], gp0[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_mask_free_prox_inside_compile_is_the_prox():
+    """Inside torch.compile the prox is written without a boolean mask ((v + |v|)/2 for max(v, 0),
+    inductor stores masks slowly on CPU): the same values bit for bit, the same gradient except
+    at v = 0 exactly, where it is ½."""
+    from ctrl_csc.nn.solver import _prox
+    from ctrl_csc.nn.prox import shrink
+
+    v = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    v.view(-1)[:4] = torch.tensor([0.0, -0.0, 1e-300, -1e-300], dtype=torch.float64)
+    for nonnegative in (True, False):
+        a = v.clone().requires_grad_(True)
+        b = v.clone().requires_grad_(True)
+        got = _prox(a, 0.3, nonnegative, traced=True)
+        want = torch.relu(b) if nonnegative else shrink(b, 0.3)
+        assert torch.equal(got, want)
+        g = torch.randn_like(v)
+        (ga,) = torch.autograd.grad((got * g).sum(), a)
+        (gb,) = torch.autograd.grad((want * g).sum(), b)
+        where = (v != 0) if nonnegative else ((v.abs() - 0.3) != 0)
+        torch.testing.assert_close(ga[where], gb[where], rtol=0, atol=0)
