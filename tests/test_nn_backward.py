@@ -271,8 +271,8 @@ def test_mask_free_prox_inside_compile_is_the_prox():
     """Inside torch.compile the prox is written without a boolean mask ((v + |v|)/2 for max(v, 0),
     inductor stores masks slowly on CPU): the same values bit for bit, the same gradient except
     at v = 0 exactly, where it is ½."""
-    from ctrl_csc.nn.solver import _prox
     from ctrl_csc.nn.prox import shrink
+    from ctrl_csc.nn.solver import _prox
 
     v = torch.randn(4, 3, 5, 5, dtype=torch.float64)
     v.view(-1)[:4] = torch.tensor([0.0, -0.0, 1e-300, -1e-300], dtype=torch.float64)
