@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from rate_reference import EPS, ref_pair, ref_R, ref_Rc
 
-import ctrl_csc.losses.cholesky as cholesky_mod
 import ctrl_csc.losses.rate as rate_mod
 from ctrl_csc.losses import (
     coding_rate,
@@ -39,17 +38,12 @@ def close(a, b, rel):
     return abs(a - b) <= rel * max(abs(b), 1e-12)
 
 
-@pytest.fixture(params=["auto", "gram", "dxd", "dxd_blocked"])
+@pytest.fixture(params=["auto", "gram", "dxd"])
 def path(request, monkeypatch):
-    """Run a test with the automatic choice, and with each path forced: all must be exact.
-
-    ``dxd_blocked`` also factorises by 2×2 blocks down to size 2 (the CPU path for d >= 128).
-    """
-    forced = {"gram": True, "dxd": False, "dxd_blocked": False}.get(request.param)
+    """Run a test with the automatic choice, and with each path forced: all must be exact."""
+    forced = {"gram": True, "dxd": False}.get(request.param)
     if forced is not None:
         monkeypatch.setattr(rate_mod, "_use_gram", lambda *a: forced)
-    if request.param == "dxd_blocked":
-        monkeypatch.setattr(cholesky_mod, "BLOCK", 2)
     return request.param
 
 
@@ -91,20 +85,6 @@ def test_other_eps_sq():
         assert close(coding_rate(Z, eps_sq), ref_R(Z, eps_sq), 1e-10)
         rr = ref_R(Z, eps_sq) - ref_Rc(Z, y, 3, eps_sq)
         assert close(rate_reduction(Z, y, 3, eps_sq), rr, 1e-10)
-
-
-@pytest.mark.parametrize("s", [4, 13, 128, 257])
-def test_blocked_cholesky_equals_library(s, monkeypatch):
-    monkeypatch.setattr(cholesky_mod, "BLOCK", 3)
-    g = torch.Generator().manual_seed(s)
-    X = torch.randn(2, s, s + 3, generator=g, dtype=torch.float64)
-    A = torch.eye(s, dtype=torch.float64) + X @ X.mT / s
-    L, info = cholesky_mod.cholesky(A.clone())  # may overwrite its argument
-    assert (info == 0).all()
-    torch.testing.assert_close(L, torch.linalg.cholesky(A), rtol=1e-10, atol=1e-12)
-    A[1, -1, -1] = -1.0  # the last leading minor is not positive definite
-    _, info = cholesky_mod.cholesky(A.clone())
-    assert info[0] == 0 and info[1] == s
 
 
 # ----------------------------------------------------------------- closed forms

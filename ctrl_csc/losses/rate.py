@@ -29,7 +29,6 @@ How it is computed
   matrix size — one call when every level works in ``d×d``, two when the classes are small enough
   to use their (much smaller) Gram matrices while the whole batch uses ``d×d`` (K = 1000 classes
   in a batch of 600: 128×128 for the batch, tiny packed Gram matrices for the classes).
-  On CPU, matrices of size 128 and more are factorised by 2×2 blocks (:mod:`.cholesky`).
 * Backward: ``∂(½ logdet A)/∂A = ½ A⁻¹`` from the Cholesky factor (``cholesky_inverse``) instead
   of differentiating through the factorisation, and ``XᵀX`` products use their symmetry (one
   batched product per backward instead of two). First-order gradients only.
@@ -60,8 +59,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-from .cholesky import cholesky
 
 __all__ = [
     # the rates of features, validated
@@ -232,7 +229,7 @@ class _BlockHalfLogdet(torch.autograd.Function):
     def forward(ctx, G: Tensor, alpha: Tensor, seg: Tensor, blocks: int):  # type: ignore[override]
         A = G * alpha[:, None, None]
         A.diagonal(dim1=-2, dim2=-1).add_(1.0)
-        L, info = cholesky(A)
+        L, info = torch.linalg.cholesky_ex(A)
         logdiag = torch.diagonal(L, dim1=-2, dim2=-1).log()
         out = logdiag.new_zeros((A.shape[0], blocks)).scatter_add_(1, seg, logdiag)
         ok = (info == 0).all()
