@@ -274,3 +274,26 @@ def test_non_finite_objective_stops_after_saving_the_last_good_state(tmp_path):
     assert state["step"] == 2
     for k, v in trainer.encoder.state_dict().items():
         assert torch.equal(state["models"]["encoder"][k], v)
+
+
+def test_build_optimizers_linear_decay_and_none():
+    """The engine builds the players' optimisers and lr schedules (cli and Python users alike):
+    a linear decay reaches final_lr_factor × lr at max_steps; "none" has no schedulers."""
+    from functools import partial
+
+    from ctrl_csc.engine import build_optimizers
+
+    enc, dec = torch.nn.Linear(2, 3), torch.nn.Linear(3, 2)
+    adam = partial(torch.optim.Adam, lr=1e-3)
+    optimizers, schedulers = build_optimizers(enc, dec, adam, adam, 10, "linear", 0.1)
+    assert set(optimizers) == set(schedulers) == {"encoder", "decoder"}
+    for _ in range(10):
+        for o in optimizers.values():
+            o.step()
+        for s in schedulers.values():
+            s.step()
+    for o in optimizers.values():
+        assert o.param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert build_optimizers(enc, dec, adam, adam, 10, "none")[1] == {}
+    with pytest.raises(ValueError, match="optim.lr_decay must be linear or none"):
+        build_optimizers(enc, dec, adam, adam, 10, "cosine")

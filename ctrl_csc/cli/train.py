@@ -36,6 +36,7 @@ from ctrl_csc.cli.common import (
 from ctrl_csc.engine import (
     Trainer,
     build_loader,
+    build_optimizers,
     load_checkpoint,
     setup_distributed,
     teardown_distributed,
@@ -44,24 +45,6 @@ from ctrl_csc.engine.distributed import agree_on_run_dir, rank_seed
 from ctrl_csc.pretrained.guard import check_stored_config
 
 log = logging.getLogger("ctrl_csc")
-
-
-def build_optimizers(optim_cfg: DictConfig, encoder, decoder, max_steps: int):
-    optimizers = {
-        "encoder": instantiate(optim_cfg.encoder)(encoder.parameters()),
-        "decoder": instantiate(optim_cfg.decoder)(decoder.parameters()),
-    }
-    if optim_cfg.lr_decay == "none":
-        return optimizers, {}
-    if optim_cfg.lr_decay != "linear":
-        raise ValueError(f"optim.lr_decay must be linear or none, got {optim_cfg.lr_decay!r}")
-    schedulers = {
-        k: torch.optim.lr_scheduler.LinearLR(
-            o, start_factor=1.0, end_factor=optim_cfg.final_lr_factor, total_iters=max_steps
-        )
-        for k, o in optimizers.items()
-    }
-    return optimizers, schedulers
 
 
 def resolve_resume(
@@ -144,7 +127,15 @@ def run(
         if ctx.distributed:  # each rank its own random streams from here on (noise, dropout)
             seed_all(rank_seed(cfg.seed, ctx.rank))
         step = instantiate(cfg.loss)
-        optimizers, schedulers = build_optimizers(cfg.optim, encoder, decoder, tcfg.max_steps)
+        optimizers, schedulers = build_optimizers(
+            encoder,
+            decoder,
+            instantiate(cfg.optim.encoder),
+            instantiate(cfg.optim.decoder),
+            tcfg.max_steps,
+            cfg.optim.lr_decay,
+            cfg.optim.get("final_lr_factor", 0.0),
+        )
         train_loader = build_loader(
             train_set,
             tcfg.batch_size,

@@ -12,12 +12,13 @@ from ctrl_csc.engine.distributed import (
     setup_distributed,
     teardown_distributed,
 )
-from ctrl_csc.engine.game import Game, NonFiniteObjectiveError
+from ctrl_csc.engine.game import Game, NonFiniteObjectiveError, build_optimizers
 from ctrl_csc.engine.loggers import ConsoleLogger, JSONLinesLogger, WandbLogger
 from ctrl_csc.engine.steps import CTRLStep, ReconstructionStep
 from ctrl_csc.engine.trainer import Trainer, build_loader
 
 __all__ = [
+    "build_optimizers",
     "CTRLStep",
     "CheckpointError",
     "ConsoleLogger",

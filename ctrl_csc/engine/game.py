@@ -1,5 +1,5 @@
-"""The closed-loop game as a training step sees it: the two players, their optimisers, autocast
-and the finiteness check.
+"""The closed-loop game as a training step sees it: the two players, their optimisers (built by
+:func:`build_optimizers`, with their learning-rate schedules), autocast and the finiteness check.
 
 A step (:mod:`ctrl_csc.engine.steps`) is written against :class:`Game`; the
 :class:`~ctrl_csc.engine.Trainer` builds one and hands it to the step at every training step.
@@ -7,7 +7,7 @@ A step (:mod:`ctrl_csc.engine.steps`) is written against :class:`Game`; the
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -17,7 +17,49 @@ from torch.nn.parallel import DistributedDataParallel
 from ctrl_csc.engine.distributed import DistContext
 from ctrl_csc.engine.syncnorm import sync_batch_norms
 
-__all__ = ["Game", "NonFiniteObjectiveError"]
+__all__ = ["Game", "NonFiniteObjectiveError", "build_optimizers"]
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def build_optimizers(
+    encoder: nn.Module,
+    decoder: nn.Module,
+    encoder_optimizer: OptimizerFactory,
+    decoder_optimizer: OptimizerFactory,
+    max_steps: int,
+    lr_decay: str = "linear",
+    final_lr_factor: float = 0.0,
+) -> tuple[dict[str, torch.optim.Optimizer], dict[str, torch.optim.lr_scheduler.LRScheduler]]:
+    """The players' optimisers and, with ``lr_decay="linear"``, their learning-rate schedules.
+
+    Args:
+        encoder, decoder: the players.
+        encoder_optimizer, decoder_optimizer: ``parameters -> Optimizer`` (e.g.
+            ``functools.partial(torch.optim.Adam, lr=1e-3)``; the configs' ``optim.encoder``).
+        max_steps: training steps; a linear decay reaches ``final_lr_factor × lr`` there.
+        lr_decay: ``"linear"`` or ``"none"`` (``optim.lr_decay``).
+        final_lr_factor: the last step's fraction of the initial learning rate.
+
+    Returns:
+        ``({"encoder": ..., "decoder": ...}, schedulers)``, the form :class:`Trainer` takes;
+        ``schedulers`` is ``{}`` without decay.
+    """
+    optimizers = {
+        "encoder": encoder_optimizer(encoder.parameters()),
+        "decoder": decoder_optimizer(decoder.parameters()),
+    }
+    if lr_decay == "none":
+        return optimizers, {}
+    if lr_decay != "linear":
+        raise ValueError(f"optim.lr_decay must be linear or none, got {lr_decay!r}")
+    schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = {
+        k: torch.optim.lr_scheduler.LinearLR(
+            o, start_factor=1.0, end_factor=final_lr_factor, total_iters=max_steps
+        )
+        for k, o in optimizers.items()
+    }
+    return optimizers, schedulers
 
 
 class NonFiniteObjectiveError(FloatingPointError):
