@@ -1,13 +1,20 @@
+import os
+
 import pytest
 import torch
+
+#: CPU threads each test runs on: 1 (small tests slow down many times when threads compete on a
+#: shared 2-core machine); CTRL_CSC_TEST_THREADS=2 runs the suite on other kernels' summation
+#: orders, to check that no verdict depends on them.
+TEST_THREADS = int(os.environ.get("CTRL_CSC_TEST_THREADS", "1"))
 
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
-    """Each test starts from seed 0 on one CPU thread (small tests slow down many times when
-    threads compete on a shared 2-core machine); the thread count is restored afterwards."""
+    """Each test starts from seed 0 on ``TEST_THREADS`` CPU threads; the thread count is restored
+    afterwards."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)

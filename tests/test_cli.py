@@ -241,10 +241,14 @@ def trained_weights(run_dir):
 def test_two_processes_make_the_one_process_updates(tmp_path):
     """2 CPU processes (gloo), 8 images each, = one process with the batch of 16: the same
     objective at every step and the same SGD updates of both players. Multiclass, so the labels
-    are gathered too; no batch statistics (group norm is per image), so the two are comparable."""
+    are gathered too; no batch statistics (group norm is per image). In float64
+    (``trainer.dtype``): in float32 the two runs' summation orders differ and the trajectory
+    amplifies that by an amount that depends on the CPU's kernels (tests/test_distributed_state.py
+    has the figures)."""
     common = [
         "trainer=smoke",
         "trainer.max_steps=3",
+        "trainer.dtype=float64",
         "loss=ctrl_multiclass",
         "model.encoder.norm=none",
         "model.decoder.norm=group",
@@ -264,7 +268,7 @@ def test_two_processes_make_the_one_process_updates(tmp_path):
 
     one, two = objective(tmp_path / "one"), objective(tmp_path / "two")
     assert len(one) == len(two) == 6
-    assert one == pytest.approx(two, rel=1e-4, abs=1e-5)
+    assert one == pytest.approx(two, rel=1e-9, abs=1e-12)
     init, w_one, w_two = (trained_weights(tmp_path / d) for d in ("init", "one", "two"))
     for part in ("encoder", "decoder"):
         keys = [k for k, v in init[part].items() if v.is_floating_point()]
@@ -272,7 +276,7 @@ def test_two_processes_make_the_one_process_updates(tmp_path):
         d_one = torch.cat([(w_one[part][k] - init[part][k]).flatten() for k in keys])
         d_two = torch.cat([(w_two[part][k] - init[part][k]).flatten() for k in keys])
         assert d_one.norm() > 1e-3, f"the {part} did not move: the comparison would be empty"
-        assert (d_two - d_one).norm() <= 1e-3 * d_one.norm(), (
+        assert (d_two - d_one).norm() <= 1e-9 * d_one.norm(), (
             f"{part}: 2-process update off by {float((d_two - d_one).norm() / d_one.norm()):.3g}"
         )
 

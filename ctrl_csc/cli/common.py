@@ -190,6 +190,9 @@ def check_run_dir_arguments(argv: list[str], program: str) -> None:
             raise SystemExit(EXIT_USER_ERROR)
 
 
+#: ``trainer.dtype``: the precision of the models' weights and of the training batches.
+TRAINING_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
 #: ``trainer.*`` settings that count something: at least 1, or at least 0 (0 = off / none).
 _TRAINER_AT_LEAST = {
     "max_steps": 1,
@@ -231,6 +234,11 @@ def check_trainer_settings(tcfg: Any) -> None:
     threads = tcfg.get("threads")
     if threads is not None and (not _is_int(threads) or threads < 1):
         raise ValueError(f"trainer.threads must be a positive integer or null, got {threads!r}")
+    dtype = tcfg.get("dtype", "float32")
+    if dtype not in TRAINING_DTYPES:
+        raise ValueError(f"trainer.dtype must be one of {sorted(TRAINING_DTYPES)}, got {dtype!r}")
+    if dtype == "float64" and tcfg.get("amp", False):
+        raise ValueError("trainer.amp=true runs in half precision: it needs trainer.dtype=float32")
     device = tcfg.get("device", "auto")
     if device != "auto":
         try:

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ctrl_csc.cli.common import (
+    TRAINING_DTYPES,
     build_datasets,
     build_models,
     check_data_fits_model,
@@ -122,7 +123,9 @@ def run(
         output_dir = check_writable(agree_on_run_dir(output_dir, ctx))  # rank 0's
         seed_all(cfg.seed)
         train_set, test_set = build_datasets(cfg.dataset)
-        encoder, decoder = build_models(cfg.model, ctx.device)  # the same weights on every rank
+        dtype = TRAINING_DTYPES[tcfg.get("dtype", "float32")]
+        # the same weights on every rank
+        encoder, decoder = (m.to(dtype) for m in build_models(cfg.model, ctx.device))
         check_data_fits_model(train_set, encoder, cfg.dataset, cfg.model.name)
         if ctx.distributed:  # each rank its own random streams from here on (noise, dropout)
             seed_all(rank_seed(cfg.seed, ctx.rank))

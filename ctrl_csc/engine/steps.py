@@ -29,6 +29,11 @@ class TrainStep(Protocol):
     def __call__(self, game: Game, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` for the loss: half-precision outputs of autocast in float32, float64 kept."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 @contextmanager
 def frozen_statistics(module: nn.Module) -> Iterator[nn.Module]:
     """Batch-norm layers of ``module`` still normalise by the batch's statistics (training
@@ -131,7 +136,7 @@ class CTRLStep:
                 with torch.no_grad():
                     x_hat = g_raw(z.detach())
                 z, z_hat = self._encode_pair(f, x_in, x_hat, z)
-            terms = self.objective(z.float(), z_hat.float(), labels)
+            terms = self.objective(_wide(z), _wide(z_hat), labels)
             game.check_finite(terms.total, "encoder objective")
             game.update(("encoder",), -terms.total)  # the encoder maximises T
 
@@ -142,7 +147,7 @@ class CTRLStep:
             with frozen(f_raw), game.autocast():
                 x_hat = g(z)
                 z, z_hat = self._encode_pair(f_raw, x_in, x_hat, z)
-        terms = self.objective(z.float(), z_hat.float(), labels)
+        terms = self.objective(_wide(z), _wide(z_hat), labels)
         game.check_finite(terms.decoder_total, "decoder objective")
         game.update(("decoder",), terms.decoder_total)  # the decoder minimises its quantity
         return {f"objective/{k}": v for k, v in terms.as_dict().items()}
@@ -168,8 +173,8 @@ class ReconstructionStep:
         with game.autocast():
             code = game.encoder(add_noise(x, self.noise_std))
             x_hat = game.decoder(code)
-        rec = self.loss_fn(x_hat.float(), x)
-        sparsity = code.float().abs().mean()
+        rec = self.loss_fn(_wide(x_hat), x)
+        sparsity = _wide(code).abs().mean()
         loss = rec + self.code_l1 * sparsity
         game.check_finite(loss, "reconstruction loss")
         game.update(("encoder", "decoder"), loss)

@@ -100,7 +100,9 @@ class Trainer:
     """Runs a :class:`TrainStep` for ``max_steps`` steps with evaluation, logging and checkpoints.
 
     Args:
-        encoder, decoder: the two players (already on ``ctx.device``).
+        encoder, decoder: the two players (already on ``ctx.device``); the training batches are
+            cast to the encoder's parameter dtype (float32, or float64 for runs that must be
+            free of float32 rounding).
         step: the training step (:class:`~ctrl_csc.engine.CTRLStep` or
             :class:`~ctrl_csc.engine.ReconstructionStep`).
         optimizers: ``{"encoder": ..., "decoder": ...}``.
@@ -169,6 +171,8 @@ class Trainer:
             raise ValueError(f"trainer.max_steps must be >= 1, got {max_steps}")
         self.game = Game(encoder, decoder, optimizers, ctx, grad_clip, amp, amp_dtype)
         self.step_fn, self.ctx = step, ctx
+        # batches come in the models' precision (float64 models: a run free of float32 rounding)
+        self.dtype = next(encoder.parameters(), torch.empty(())).dtype
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.schedulers = dict(schedulers or {})
         self.output_dir = Path(output_dir)
@@ -361,7 +365,7 @@ class Trainer:
             sampler.set_position(epoch, offset * batch_size)
             for x, y in self.train_loader:
                 yield (
-                    x.to(self.ctx.device, non_blocking=True),
+                    x.to(self.ctx.device, self.dtype, non_blocking=True),
                     y.to(self.ctx.device, non_blocking=True),
                 )
             epoch, offset = epoch + 1, 0

@@ -303,6 +303,8 @@ def _run(
     mean_image=None,
 ):
     n_seen = 0
+    p = next(encoder.parameters(), None)
+    model_dtype = torch.float64 if p is not None and p.dtype == torch.float64 else torch.float32
     sums = {"psnr": 0.0, "ssim": 0.0, "psnr_mean_image": 0.0}
     dens_sum: dict[str, float] = {}
     dens_count: dict[str, int] = {}
@@ -330,7 +332,7 @@ def _run(
         codes = "density" in wanted
         try:
             with autocast():
-                z, enc_dens = _forward(encoder, x, codes)
+                z, enc_dens = _forward(encoder, x.to(model_dtype), codes)
                 xh, dec_dens = _forward(decoder, z, codes)
             xh = xh.float().clamp(-1, 1)
         except RuntimeError as exc:  # shape errors from deep inside torch
