@@ -35,16 +35,18 @@ def compose_cfg(name, overrides):
 
 
 def small_encoder(seed=0):
-    """Two CSC stages: signed FISTA (stride 2) then non-negative ISTA, a ReLU between them."""
+    """Two CSC stages, absolute λ: signed FISTA (stride 2) then non-negative ISTA, a ReLU between
+    them."""
     torch.manual_seed(seed)
     return CSCEncoder(
         in_channels=C,
         image_size=S,
         stages=[
             {"out_channels": 4, "kernel_size": 3, "stride": 2, "lmbda": 0.05, "n_iter": 3,
-             "algorithm": "fista", "nonnegative": False, "activation": "relu"},
+             "algorithm": "fista", "nonnegative": False, "activation": "relu",
+             "lmbda_relative": False},
             {"out_channels": 5, "kernel_size": 3, "stride": 1, "lmbda": 0.02, "n_iter": 4,
-             "algorithm": "ista", "nonnegative": True},
+             "algorithm": "ista", "nonnegative": True, "lmbda_relative": False},
         ],
         feature_dim=6,
         norm="none",

@@ -89,7 +89,8 @@ def test_samplewise_signs_and_distances(distance):
     Z, Zh, _ = data()
     Zh = 0.9 * Zh  # not unit: exercises the general formulas
     beta = 0.7
-    t = CTRLObjective("samplewise", eps_sq=EPS, beta=beta, distance=distance)(Z, Zh)
+    t = CTRLObjective("samplewise", eps_sq=EPS, beta=beta, distance=distance, encoder_beta=None)
+    t = t(Z, Zh)  # encoder_beta=None: u-CTRL as written, the penalty in both players' objectives
     dist = {
         "rate": samplewise_rate_reduction(Z, Zh),
         "l2": ((Z - Zh) ** 2).sum(1),
@@ -110,6 +111,17 @@ def test_samplewise_encoder_beta_weighs_the_encoders_penalty_only():
     assert close(t.decoder_total, dr + 5.0 * dist, 1e-10)
     with pytest.raises(ValueError, match="encoder_beta"):
         CTRLObjective("samplewise", encoder_beta=-1.0)
+
+
+def test_samplewise_defaults_are_the_shipped_critic():
+    """Given only its variant, the objective is the one the shipped configs train with: β = 10
+    in the decoder's objective, none in the encoder's (the critic, R(Z) + ΔR(Z, Ẑ))."""
+    Z, Zh, _ = data()
+    t = CTRLObjective("samplewise", eps_sq=EPS)(Z, Zh)
+    dist = ((Z - Zh) ** 2).sum(1).mean()
+    dr = ref_pair(Z, Zh)
+    assert close(t.total, ref_R(Z) + dr, 1e-10)
+    assert close(t.decoder_total, dr + 10.0 * dist, 1e-10)
 
 
 def test_samplewise_rate_distance_zero_at_perfect_reconstruction():

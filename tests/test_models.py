@@ -7,6 +7,7 @@ once forward and backward at batch 2; the tests below read that one run.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -424,3 +425,68 @@ def test_encoder_without_projection_uses_its_last_code_as_the_feature():
     torch.testing.assert_close(z, torch.nn.functional.normalize(codes[-1].flatten(1), dim=1))
     with pytest.raises(ValueError, match="projection"):
         CSCEncoder(1, 16, stages, feature_dim=128, norm="none", projection=False)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_csc_models_given_only_their_shapes_are_the_shipped_quickstart_model(channels):
+    """CSCEncoder / CSCDecoder given only channels, image size, stage widths and strides and the
+    feature dimension build what conf/model/csc_ctrl_mini.yaml builds: the same stage options,
+    modules, weights from the same seed and outputs (the settings that learn, not the layers'
+    own defaults)."""
+    cfg = OmegaConf.load(CONF / "csc_ctrl_mini.yaml")
+    cfg.encoder.in_channels = cfg.decoder.out_channels = channels
+    cfg.encoder.image_size = cfg.decoder.image_size = 32
+    cfg.decoder.feature_dim = 128
+    torch.manual_seed(0)
+    shipped = instantiate(cfg.encoder), instantiate(cfg.decoder)
+    torch.manual_seed(0)
+    enc_stages = [
+        # init_std: the shipped first stage stores its atoms at a smaller scale (how fast Adam
+        # turns them), a choice of the config, not a default
+        {"out_channels": 32, "stride": 2, "init_std": 0.05},
+        {"out_channels": 64, "stride": 2},
+        {"out_channels": 128, "stride": 2},
+    ]
+    dec_stages = [{"in_channels": c, "stride": 2} for c in (128, 64, 32)]
+    plain = (
+        CSCEncoder(channels, 32, enc_stages, feature_dim=128),
+        CSCDecoder(channels, 32, dec_stages, feature_dim=128),
+    )
+    x = torch.rand(4, channels, 32, 32) * 2 - 1
+
+    def used(spec):  # a synthesis stage has no solver: its sign option is unused
+        kind = getattr(spec, "kind", None)
+        return dataclasses.replace(spec, nonnegative=None) if kind == "synthesis" else spec
+
+    for a, b in zip(shipped, plain):
+        assert [used(s) for s in a.specs] == [used(s) for s in b.specs]
+        assert repr(a) == repr(b)
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    with torch.no_grad():
+        z = shipped[0](x)
+        assert torch.equal(plain[0](x), z)
+        assert torch.equal(plain[1](z), shipped[1](z))
+
+
+def test_decoder_position_defaults_yield_to_explicit_settings():
+    """The last decoder stage defaults to a signed synthesis stage and the one before it to no
+    norm, unless the stage or stage_defaults says otherwise; stride-1 stages keep the layers'
+    3x3 kernel (4x4 at padding 1 is for stride 2)."""
+    dec = CSCDecoder(1, 8, [{"in_channels": 4, "stride": 2}, {"in_channels": 3, "stride": 2}])
+    assert [s.kind for s in dec.specs] == ["inverse_csc", "synthesis"]
+    assert [s.nonnegative for s in dec.specs] == [True, False]
+    assert [s.norm for s in dec.specs] == ["none", None]
+    assert [(s.kernel_size, s.padding) for s in dec.specs] == [(4, 1), (4, 1)]
+    dec = CSCDecoder(
+        1,
+        8,
+        [{"in_channels": 4, "stride": 2, "norm": "batch"}, {"in_channels": 3, "stride": 2}],
+        stage_defaults={"kind": "inverse_csc", "kernel_size": 6},
+    )
+    assert [s.kind for s in dec.specs] == ["inverse_csc", "inverse_csc"]
+    assert [s.norm for s in dec.specs] == ["batch", None]
+    assert [(s.kernel_size, s.padding) for s in dec.specs] == [(6, None), (6, None)]
+    enc = CSCEncoder(1, 8, [{"out_channels": 4}, {"out_channels": 4, "stride": 2, "padding": 2}])
+    assert [(s.kernel_size, s.padding) for s in enc.specs] == [(3, None), (4, 2)]
+    assert enc.code_shape == (4, 5, 5)

@@ -3,17 +3,37 @@
 import re
 from pathlib import Path
 
+import pytest
+import torch
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_python_example_runs(tmp_path):
+def python_example(out_dir, steps=None) -> dict:
+    """Run the README's Python example (in ``out_dir``; ``steps`` instead of its 200); return
+    its namespace."""
     block = re.search(r"## From Python\n\n```python\n(.*?)```", README.read_text(), re.S).group(1)
-    assert "max_steps=200" in block and '"runs/demo"' in block
-    block = block.replace("max_steps=200", "max_steps=2").replace(
-        '"runs/demo"', repr(str(tmp_path))
-    )
-    exec(compile(block, str(README), "exec"), {})
+    assert block.count("max_steps=200") == 2 and '"runs/demo"' in block
+    if steps is not None:
+        block = block.replace("max_steps=200", f"max_steps={steps}")
+    block = block.replace('"runs/demo"', repr(str(out_dir)))
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)
+    return namespace
+
+
+def test_readme_python_example_runs(tmp_path):
+    python_example(tmp_path, steps=2)
     assert (tmp_path / "checkpoints" / "last.pt").is_file()
+
+
+@pytest.mark.slow
+def test_readme_python_example_learns(tmp_path):
+    """As written (200 steps on mnist5k, about 1.5 min on 2 cores), the example reconstructs
+    held-out digits: 16.4 dB measured, the mean training image scores 12.7."""
+    torch.set_num_threads(2)
+    psnr = python_example(tmp_path)["metrics"]["psnr"]
+    assert psnr >= 15.0, f"the README's Python example reached {psnr:.2f} dB after 200 steps"
 
 
 def test_readme_commands_are_the_ci_commands():

@@ -109,12 +109,15 @@ class CTRLObjective(nn.Module):
         num_classes: number of classes K, used to validate labels (``multiclass``); ``None``
             accepts any label ≥ 0. Absent classes contribute nothing either way.
         gammas: (γ₁, γ₂, γ₃), weights of the ``multiclass`` terms.
-        beta: β ≥ 0, weight of the sample-wise penalty (``samplewise``).
-        encoder_beta: weight of the sample-wise penalty in what the *encoder* maximises;
-            ``None`` (default) uses ``beta`` for both players, as u-CTRL writes it. The encoder
-            can lower its penalty by becoming blind to how ``X̂`` differs from ``X`` (mapping
-            both to the same features) instead of waiting for the decoder to improve; a smaller
-            encoder weight makes it more of a critic (``experiments/notes/method.md``).
+        beta: β ≥ 0, weight of the sample-wise penalty in what the *decoder* minimises
+            (``samplewise``); 10 as the shipped configs (at 1000 the encoder collapsed onto
+            features that ignore its input, experiments/notes/method.md §5).
+        encoder_beta: weight of the sample-wise penalty in what the *encoder* maximises; 0 by
+            default (the encoder as a critic, maximising R(Z) + ΔR(Z, Ẑ)), as the shipped
+            configs: with the penalty on the encoder too it lowers it by becoming blind to how
+            ``X̂`` differs from ``X`` (mapping both to the same features) instead of waiting for
+            the decoder to improve, and the game stalled at 7–8 dB (method.md §7). ``None``
+            uses ``beta`` for both players, as u-CTRL writes it.
         distance: sample-wise distance ``d(z, ẑ)`` (``samplewise``): ``"l2"`` (default, as
             u-CTRL uses in practice) — ``‖z − ẑ‖²``; ``"cosine"`` — ``1 − cos(z, ẑ)``;
             ``"rate"`` — the rate reduction ``ΔR({z}, {ẑ})`` of the pair, in closed form (its
@@ -137,9 +140,9 @@ class CTRLObjective(nn.Module):
         eps_sq: float = 0.5,
         num_classes: int | None = None,
         gammas: Sequence[float] = (1.0, 1.0, 1.0),
-        beta: float = 1.0,
+        beta: float = 10.0,
         distance: str = "l2",
-        encoder_beta: float | None = None,
+        encoder_beta: float | None = 0.0,
         gather: bool = True,
         float64: bool = False,
     ) -> None:

@@ -47,12 +47,69 @@ def _stage_size(
     )  # fmt: skip
 
 
+#: What every CSC-CTRL stage gets unless the model's ``stage_defaults`` or the stage itself says
+#: otherwise: the settings of the shipped configs, which learn (experiments/notes/method.md). They
+#: differ from the layers' own defaults (``CSCLayer``: FISTA, absolute λ), which are the Lasso as
+#: written: ISTA (at T = 2 FISTA is the same), λ as a fraction of each sample's λ_max (without norms
+#: between the stages each stage has its own scale: an absolute λ left the second stage 0.17 %
+#: non-zero, notes §5) and non-negative codes in both players.
+MODEL_STAGE_DEFAULTS: dict[str, Any] = {
+    "algorithm": "ista",
+    "lmbda_relative": True,
+    "nonnegative": True,
+}
+#: The kernel of a stride-2 stage that sets none: 4x4 at padding 1, divisible by the stride so
+#: that every output phase gets the same taps (the layers' 3x3 gives a phase-dependent
+#: checkerboard); stride-1 stages keep the layers' 3x3 at padding 1, which keeps the size.
+STRIDE2_KERNEL = {"kernel_size": 4, "padding": 1}
+
+
+def _stage_mappings(
+    stages: Sequence[Any], stage_defaults: Mapping[str, Any] | None
+) -> tuple[list[Any], dict[str, Any]]:
+    """``(stages, defaults)`` for :func:`parse_stages`: :data:`MODEL_STAGE_DEFAULTS` below the
+    caller's ``stage_defaults``, and :data:`STRIDE2_KERNEL` for mapping stages of stride 2 whose
+    kernel neither they nor ``stage_defaults`` set."""
+    given = dict(stage_defaults or {})
+    out = []
+    for raw in stages:
+        if (
+            isinstance(raw, Mapping)
+            and raw.get("stride", given.get("stride", 1)) == 2
+            and "kernel_size" not in raw
+            and "kernel_size" not in given
+        ):
+            padding = {} if "padding" in raw or "padding" in given else {"padding": 1}
+            raw = {**raw, "kernel_size": 4, **padding}
+        out.append(raw)
+    return out, {**MODEL_STAGE_DEFAULTS, **given}
+
+
 def _build(where: str, cls: type[nn.Module], **kwargs: Any) -> nn.Module:
     """``cls(**kwargs)`` with a ``ValueError`` from the layer prefixed by the stage's setting."""
     try:
         return cls(**kwargs)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
+
+
+def _position_defaults(stages: list[Any], given: Mapping[str, Any] | None) -> list[Any]:
+    """The decoder's position-dependent defaults (see :class:`CSCDecoder`), each where neither
+    the stage nor the caller's ``stage_defaults`` (``given``) sets it: the last stage a signed
+    ``synthesis`` stage, the one before it without a norm."""
+    given = given or {}
+    out = list(stages)
+
+    def fill(i: int, key: str, value: Any) -> None:
+        if isinstance(out[i], Mapping) and key not in out[i] and key not in given:
+            out[i] = {**out[i], key: value}
+
+    if out:
+        fill(-1, "kind", "synthesis")
+        fill(-1, "nonnegative", False)
+    if len(out) >= 2:
+        fill(-2, "norm", "none")
+    return out
 
 
 class CSCEncoder(ImageEncoder):
@@ -66,13 +123,14 @@ class CSCEncoder(ImageEncoder):
             ``(N, out_channels_i, H_i, W_i)``.
         feature_dim: feature dimension ``d``.
         norm: default normalisation after every stage: ``"batch" | "group" | "none"`` (a stage's
-            own ``norm`` overrides it).
+            own ``norm`` overrides it). ``"none"`` by default: batch norm between the stages kept
+            the game from starting (csc_ctrl_mini: 6.3 dB against 10.3 without; notes §6).
         norm_groups: groups of ``"group"`` norm.
         negative_slope: slope of ``"leaky_relu"`` stage activations.
         normalize: project the features onto the unit sphere (``F.normalize``); ``False`` returns
             the raw ``Linear`` output (e.g. for an autoencoder).
         stage_defaults: keys merged into every mapping in ``stages`` (a stage's own keys win),
-            e.g. ``{lmbda: 0.1, n_iter: 2}``.
+            e.g. ``{lmbda: 0.1, n_iter: 2}``, on top of :data:`MODEL_STAGE_DEFAULTS`.
         projection: ``True``: a learned ``Linear`` maps the flattened last code to
             ``feature_dim``; ``False``: the flattened last code *is* the feature (before the
             sphere), so ``feature_dim`` must equal ``C_last·H_last·W_last`` and the encoder's
@@ -92,7 +150,7 @@ class CSCEncoder(ImageEncoder):
         image_size: int | Sequence[int],
         stages: Sequence[Mapping[str, Any] | CSCStageSpec],
         feature_dim: int = 128,
-        norm: str = "batch",
+        norm: str = "none",
         norm_groups: int = 8,
         negative_slope: float = 0.2,
         normalize: bool = True,
@@ -102,7 +160,8 @@ class CSCEncoder(ImageEncoder):
         super().__init__(in_channels, image_size, feature_dim, normalize)
         from ctrl_csc.nn import CSCLayer
 
-        self.specs = parse_stages(stages, CSCStageSpec, "model.encoder.stages", stage_defaults)
+        stages, defaults = _stage_mappings(stages, stage_defaults)
+        self.specs = parse_stages(stages, CSCStageSpec, "model.encoder.stages", defaults)
         self.stages = nn.ModuleList()
         self.norms = nn.ModuleList()
         self.activations = nn.ModuleList()
@@ -170,7 +229,13 @@ class CSCDecoder(ImageDecoder):
         output_activation: ``"tanh"`` (images in ``(-1, 1)``), ``"hardtanh"`` (clamp to
             ``[-1, 1]``) or ``"none"`` (unbounded).
         stage_defaults: keys merged into every mapping in ``stages`` (a stage's own keys win),
-            e.g. ``{kind: inverse_csc, lmbda: 0.1}``.
+            e.g. ``{kind: inverse_csc, lmbda: 0.1}``, on top of :data:`MODEL_STAGE_DEFAULTS`.
+            Defaults that depend on the position, each unless the stage or ``stage_defaults``
+            says otherwise: the last stage is a signed ``synthesis`` stage (it makes the image;
+            a non-negative sparse code would not be one), and the stage before it has no norm
+            (the last stage sums ``C_in·k²/s²`` unit-norm taps of its input, which a norm makes
+            unit-variance, and tanh saturated: 56 % of the pixels at ``|x̂| > 0.99`` in
+            csc_ctrl_32 at initialisation, 8.6 % without; notes §2).
 
     Attributes:
         stages: ``nn.ModuleList`` of :class:`ctrl_csc.nn.SparseDeconvLayer`.
@@ -195,7 +260,9 @@ class CSCDecoder(ImageDecoder):
         super().__init__(out_channels, image_size, feature_dim)
         from ctrl_csc.nn import SparseDeconvLayer
 
-        self.specs = parse_stages(stages, DeconvStageSpec, "model.decoder.stages", stage_defaults)
+        stages, defaults = _stage_mappings(stages, stage_defaults)
+        stages = _position_defaults(stages, stage_defaults)
+        self.specs = parse_stages(stages, DeconvStageSpec, "model.decoder.stages", defaults)
         final_act = make_output_activation(output_activation)
         n = len(self.specs)
         # Sizes, fine to coarse: the input of stage j is what conv2d arithmetic makes of its output.
