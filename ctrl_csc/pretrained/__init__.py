@@ -30,7 +30,10 @@ __all__ = ["RELEASE_FORMAT", "PRETRAINED", "export_release", "load_pretrained", 
 
 RELEASE_FORMAT = "ctrl_csc.release/1"
 _HERE = Path(__file__).resolve().parent
-PRETRAINED: dict[str, Path] = {"quickstart": _HERE / "quickstart.safetensors"}
+PRETRAINED: dict[str, Path] = {
+    "quickstart": _HERE / "quickstart.safetensors",  # digits: bare ctrl-csc-train
+    "photos": _HERE / "photos.safetensors",  # natural images: ctrl-csc-train experiment=photos_mini
+}
 
 
 def export_release(
