@@ -427,6 +427,23 @@ def test_encoder_without_projection_uses_its_last_code_as_the_feature():
         CSCEncoder(1, 16, stages, feature_dim=128, norm="none", projection=False)
 
 
+def test_decoder_without_projection_reads_the_feature_as_its_first_code():
+    """The mirror of the encoder's option: the feature, reshaped, is the first stage's input
+    (after the decoder's norm and activation); no Linear."""
+    torch.manual_seed(0)
+    stages = [{"in_channels": 4, "stride": 2}, {"in_channels": 2, "stride": 2}]
+    dec = CSCDecoder(1, 16, stages, feature_dim=4 * 4 * 4, norm="none", projection=False).eval()
+    assert isinstance(dec.projection, torch.nn.Identity)
+    assert all(p is s.weight for p, s in zip(dec.parameters(), dec.stages))
+    z = torch.rand(3, 64)
+    h = torch.relu(z.view(3, 4, 4, 4))  # projection_activation: relu
+    h = dec.stages[0](h, output_size=dec.out_sizes[0])
+    want = torch.tanh(dec.stages[1](h, output_size=dec.out_sizes[1]))  # no norm before the last
+    torch.testing.assert_close(dec(z), want)
+    with pytest.raises(ValueError, match=r"model\.decoder\.projection=false.*feature_dim: 64"):
+        CSCDecoder(1, 16, stages, feature_dim=128, projection=False)
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_csc_models_given_only_their_shapes_are_the_shipped_quickstart_model(channels):
     """CSCEncoder / CSCDecoder given only channels, image size, stage widths and strides and the

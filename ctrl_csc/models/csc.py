@@ -228,6 +228,9 @@ class CSCDecoder(ImageDecoder):
             the first stage then reads a non-negative code, like the encoder's).
         output_activation: ``"tanh"`` (images in ``(-1, 1)``), ``"hardtanh"`` (clamp to
             ``[-1, 1]``) or ``"none"`` (unbounded).
+        projection: ``True``: a learned ``Linear`` maps the feature to the first stage's code;
+            ``False``: the feature *is* that code (``feature_dim`` must equal ``C_0·h_0·w_0``),
+            the mirror of the encoder's ``projection: false``.
         stage_defaults: keys merged into every mapping in ``stages`` (a stage's own keys win),
             e.g. ``{kind: inverse_csc, lmbda: 0.1}``, on top of :data:`MODEL_STAGE_DEFAULTS`.
             Defaults that depend on the position, each unless the stage or ``stage_defaults``
@@ -256,6 +259,7 @@ class CSCDecoder(ImageDecoder):
         projection_activation: str = "relu",
         output_activation: str = "tanh",
         stage_defaults: Mapping[str, Any] | None = None,
+        projection: bool = True,
     ) -> None:
         super().__init__(out_channels, image_size, feature_dim)
         from ctrl_csc.nn import SparseDeconvLayer
@@ -273,7 +277,17 @@ class CSCDecoder(ImageDecoder):
             size = _stage_size(size, self.specs[j], f"model.decoder.stages[{j}]", image_size)
         c0 = self.specs[0].in_channels
         self.code_shape = (c0, *size)
-        self.projection = nn.Linear(self.feature_dim, c0 * size[0] * size[1])
+        flat = c0 * size[0] * size[1]
+        if projection:
+            self.projection: nn.Module = nn.Linear(self.feature_dim, flat)
+        elif flat != self.feature_dim:
+            raise ValueError(
+                f"model.decoder.projection=false reads the feature as the first stage's code "
+                f"({c0}x{size[0]}x{size[1]} = {flat} values), but model.decoder.feature_dim="
+                f"{self.feature_dim}; set feature_dim: {flat} or projection: true"
+            )
+        else:
+            self.projection = nn.Identity()
         self.projection_norm = make_norm(norm, c0, norm_groups, "model.decoder.norm")
         self.projection_act = make_activation(
             projection_activation, negative_slope, "model.decoder.projection_activation"
