@@ -79,8 +79,10 @@ def _stage_mappings(
             and "kernel_size" not in raw
             and "kernel_size" not in given
         ):
-            padding = {} if "padding" in raw or "padding" in given else {"padding": 1}
-            raw = {**raw, "kernel_size": 4, **padding}
+            kernel = dict(STRIDE2_KERNEL)
+            if "padding" in raw or "padding" in given:
+                del kernel["padding"]
+            raw = {**raw, **kernel}
         out.append(raw)
     return out, {**MODEL_STAGE_DEFAULTS, **given}
 
