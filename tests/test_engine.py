@@ -175,6 +175,31 @@ def test_fit_writes_outputs(tmp_path):
     assert (tmp_path / "objective.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("family", ["csc", "dcgan"])
+def test_metric_names_are_the_keys_evaluation_gives(tmp_path, family):
+    """What ``monitor=`` is checked against before training is what the evaluation returns."""
+    from ctrl_csc.models import CSCDecoder, CSCEncoder, DCGANDecoder, DCGANEncoder
+
+    torch.manual_seed(0)
+    if family == "csc":
+        f = CSCEncoder(1, 8, feature_dim=8, stages=[{"out_channels": 4, "stride": 2}] * 2)
+        g = CSCDecoder(1, 8, feature_dim=8, stages=[{"in_channels": 4, "stride": 2}] * 2)
+    else:
+        shape = {"image_size": 8, "feature_dim": 8, "base_channels": 4, "norm": "none"}
+        f, g = DCGANEncoder(1, num_down=2, **shape), DCGANDecoder(1, num_up=2, **shape)
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.0) for k, m in (("encoder", f), ("decoder", g))}
+    for baseline in (0, 16):
+        trainer = Trainer(
+            f, g, CTRLStep(CTRLObjective("samplewise")), opts, build_loader(tiny_data(), 16),
+            eval_loader=torch.utils.data.DataLoader(tiny_data(16, 1), batch_size=8),
+            output_dir=tmp_path, max_steps=1, progress=False, baseline_images=baseline,
+        )  # fmt: skip
+        if baseline:
+            trainer._mean_image = torch.zeros(1, 1, 8, 8)
+        assert trainer.metric_names() == list(trainer.evaluate())
+    assert make_trainer(tmp_path).metric_names() is None  # duck-typed models: not known ahead
+
+
 def test_evaluate_is_the_eval_runner_and_leaves_the_random_state(tmp_path):
     from ctrl_csc.eval import evaluate_reconstructions
 

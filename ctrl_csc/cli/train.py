@@ -106,6 +106,18 @@ def _same_job_in_earlier_sweeps(output_dir: Path, overrides: Sequence[str]) -> P
     return max(matches, key=lambda p: p.stat().st_mtime) if matches else None
 
 
+def check_monitor(monitor: str | None, available: Sequence[str] | None) -> None:
+    """Refuse a ``monitor`` that the final evaluation will not report (a sweep would optimise
+    NaN); nothing to check when the run does not evaluate (``trainer.eval_images=0``) or the
+    metrics are not known in advance (``None``: models of another package)."""
+    if monitor is None or not available or monitor in available:
+        return
+    raise ValueError(
+        f"monitor={monitor!r} is not a metric of this run's evaluation; set monitor= one of "
+        f"{', '.join(available)}"
+    )
+
+
 def run(
     cfg: DictConfig, output_dir: str | Path, sweep_overrides: Sequence[str] | None = None
 ) -> dict[str, float]:
@@ -155,10 +167,12 @@ def run(
         )
         loggers = []
         if ctx.is_main:
-            extra = (
-                {"run_config": to_container(cfg)} if "WandbLogger" in cfg.logger._target_ else {}
-            )
-            loggers.append(instantiate(cfg.logger, **extra))
+            # the run's config goes to the logger after it is built: handed to instantiate, its
+            # nested _target_s (models, dataset, loss) would be built again and sent as objects
+            logger = instantiate(cfg.logger)
+            if callable(getattr(logger, "record_config", None)):
+                logger.record_config(to_container(cfg))
+            loggers.append(logger)
             n_f = sum(p.numel() for p in encoder.parameters())
             n_g = sum(p.numel() for p in decoder.parameters())
             log.info(
@@ -201,6 +215,7 @@ def run(
             requeue=tcfg.get("requeue", True),
             resume_strict=tcfg.get("resume_strict", True),
         )
+        check_monitor(cfg.get("monitor"), trainer.metric_names())
         resume = resolve_resume(tcfg.resume, output_dir, sweep_overrides)
         if resume is not None:  # the guard reads the stored config before the trainer does
             stored = load_checkpoint(resume, map_location="cpu").get("config")
@@ -231,7 +246,7 @@ def hydra_main(cfg: DictConfig) -> float:
     sweep = list(hc.overrides.task) if hc.mode == RunMode.MULTIRUN else None
     with one_clear_answer():
         metrics = run(cfg, hc.runtime.output_dir, sweep)
-    return float(metrics.get(cfg.monitor, float("nan")))
+    return float(metrics.get(cfg.monitor, float("nan")))  # NaN only without evaluation
 
 
 if __name__ == "__main__":

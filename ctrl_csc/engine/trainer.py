@@ -466,6 +466,20 @@ class Trainer:
         with self._rng_untouched(), torch.no_grad():
             return self._evaluate()
 
+    def metric_names(self) -> list[str] | None:
+        """The keys of the main process's :meth:`evaluate` result, known before training (the
+        same on every process; none without an evaluation loader or images; ``None`` when the
+        models do not say which of their stages output codes)."""
+        if self.eval_loader is None or self.eval_images == 0:
+            return []
+        from ctrl_csc.eval.runner import density_names
+
+        densities = density_names(self.encoder, self.decoder)
+        if densities is None:
+            return None
+        baseline = ["psnr_mean_image"] if self.baseline_images else []
+        return ["psnr", *baseline, *densities]
+
     def _rng_untouched(self) -> AbstractContextManager:
         cuda = [self.ctx.device] if self.ctx.device.type == "cuda" else []
         return torch.random.fork_rng(devices=cuda)

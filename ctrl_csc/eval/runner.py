@@ -119,6 +119,21 @@ def _forward(model: nn.Module, t: Tensor, codes: bool) -> tuple[Tensor, list[flo
     return out, code_densities(stage_codes)
 
 
+def density_names(encoder: nn.Module, decoder: nn.Module) -> list[str] | None:
+    """The ``density/enc{i}`` and ``density/dec{i}`` keys that the metric ``density`` gives for
+    these models, without running them; ``None`` when a model returns codes but does not say
+    which of its stages' outputs are codes (only this package's models do)."""
+    names = []
+    for tag, model in (("enc", encoder), ("dec", decoder)):
+        if not callable(getattr(model, "forward_with_codes", None)):
+            continue
+        is_code = getattr(model, "_is_code", None)
+        if not callable(is_code):
+            return None
+        names += [f"density/{tag}{i}" for i, code in enumerate(is_code()) if code]
+    return names
+
+
 def _loader_len(loader) -> int | None:
     try:
         return len(loader)
