@@ -175,6 +175,36 @@ def test_wandb_offline_run_finishes_cleanly(tmp_path):
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
+def test_wandb_gets_one_run_with_the_plain_config(tmp_path, monkeypatch):
+    """The config handed to the logger is not instantiated again: one encoder is built, one W&B
+    run is made, and its config holds the settings, not built objects."""
+    pytest.importorskip("wandb")
+    from ctrl_csc.cli import train as train_cli
+    from ctrl_csc.models import CSCEncoder
+
+    built = []
+    init = CSCEncoder.__init__
+    monkeypatch.setattr(
+        CSCEncoder, "__init__", lambda self, *a, **k: (built.append(1), init(self, *a, **k))[1]
+    )
+    argv = [
+        "ctrl-csc-train",
+        "trainer=smoke",
+        "logger=wandb",
+        "logger.mode=offline",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        train_cli.main()
+    except SystemExit as stop:
+        assert stop.code in (0, None)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(built) == 1 and len(runs) == 1
+    stored = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))  # the run's records
+    assert b"ctrl_csc.models.CSCEncoder" in stored and b"object at 0x" not in stored
+
+
 @pytest.mark.slow
 def test_wheel_ships_the_configs(tmp_path):
     subprocess.run(

@@ -105,6 +105,10 @@ class WandbLogger:
             reinit="finish_previous",
         )
 
+    def record_config(self, config: Mapping[str, Any]) -> None:
+        """Store the run's configuration (plain containers) in the W&B run's config."""
+        self.run.config.update(dict(config), allow_val_change=True)
+
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         self.run.log(dict(metrics), step=step)
 
