@@ -211,10 +211,11 @@ def _gradcheck_layer(layer, inputs, extra=()):
 def test_csc_gradients_match_finite_differences(nonnegative, mu):
     layer = CSCLayer(
         2, 3, 3, stride=2, lmbda=0.05, mu=mu, n_iter=3, nonnegative=nonnegative,
-        learn_lmbda=True, learn_step=True, power_iters=0,
+        learn_lmbda=True, learn_step=True,
     ).double()  # fmt: skip
     x = torch.randn(2, 2, 5, 4, dtype=F64, requires_grad=True)
-    layer(x)  # the Lipschitz estimate is held fixed from here on (power_iters=0)
+    layer(x)
+    layer.solver.refresh_lipschitz = False  # a constant step for the finite differences
     assert [n for n, _ in layer.named_parameters()] == [
         "weight",
         "solver.raw_lmbda",
@@ -225,11 +226,13 @@ def test_csc_gradients_match_finite_differences(nonnegative, mu):
 
 @pytest.mark.parametrize("kind", ["synthesis", "inverse_csc"])
 def test_deconv_gradients_match_finite_differences(kind):
-    options = dict(learn_lmbda=True, power_iters=0) if kind == "inverse_csc" else {}
+    options = dict(learn_lmbda=True) if kind == "inverse_csc" else {}
     layer = SparseDeconvLayer(3, 2, 3, stride=2, kind=kind, lmbda=0.05, n_iter=3, **options)
     layer = layer.double()
     z = torch.randn(2, 3, 3, 3, dtype=F64, requires_grad=True)
     layer(z, (5, 6))
+    if kind == "inverse_csc":
+        layer.solver.refresh_lipschitz = False  # a constant step for the finite differences
     assert _gradcheck_layer(layer, z, extra=((5, 6),))
 
 
@@ -239,6 +242,21 @@ def test_learnable_parameters_receive_gradients():
     for name, p in layer.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     assert float(layer.lmbda.detach()) == pytest.approx(0.1)
+
+
+def test_a_learned_relative_lambda_stays_below_lambda_max_and_recovers():
+    """With ``lmbda_relative`` the learned fraction is ``sigmoid(ρ)``: it starts at ``lmbda``, no
+    value of ``ρ`` reaches 1, and a stage pushed far up still codes and gets a gradient back."""
+    layer = CSCLayer(3, 4, 3, n_iter=3, lmbda=0.2, learn_lmbda=True, lmbda_relative=True).double()
+    assert float(layer.lmbda.detach()) == pytest.approx(0.2, rel=1e-6)  # stored in float32
+    x = torch.randn(2, 3, 8, 8, dtype=F64)
+    with torch.no_grad():
+        layer.solver.raw_lmbda.fill_(8.0)  # a fraction of 1 - 3e-4: what many steps up reach
+    assert float(layer.lmbda.detach()) < 1
+    code = layer(x)
+    assert int((code != 0).sum()) > 0
+    code.sum().backward()
+    assert float(layer.solver.raw_lmbda.grad) < 0  # lowering λ raises the code: it comes back
 
 
 def test_inference_mode_then_training():
@@ -322,10 +340,11 @@ def test_relative_lambda_in_inverse_csc_and_gradients():
     torch.testing.assert_close(v5, 5.0 * v1, rtol=1e-10, atol=1e-12)
     assert 0 < int((v1 != 0).sum()) < v1.numel()
     csc = CSCLayer(
-        2, 3, 3, stride=2, lmbda=0.2, n_iter=3, lmbda_relative=True, power_iters=0
+        2, 3, 3, stride=2, lmbda=0.2, n_iter=3, lmbda_relative=True
     ).double()
     x = torch.randn(2, 2, 6, 5, dtype=F64, requires_grad=True)
-    csc(x)  # fixes the Lipschitz estimate; λ_n = ρ·λ_max(x_n) is differentiated through
+    csc(x)  # λ_n = ρ·λ_max(x_n) is differentiated through
+    csc.solver.refresh_lipschitz = False  # a constant step for the finite differences
     assert _gradcheck_layer(csc, x)
 
 

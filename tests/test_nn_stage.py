@@ -129,7 +129,7 @@ def test_every_option_has_its_check_or_is_a_flag():
         ({"mu": float("nan")}, "mu must be >= 0, got nan"),
         ({"n_iter": 0}, "n_iter must be an integer >= 1, got 0"),
         ({"algorithm": "admm"}, "algorithm must be one of"),
-        ({"power_iters": -1}, "power_iters must be an integer >= 0"),
+        ({"power_iters": 0}, "power_iters must be an integer >= 1, got 0"),
         ({"init_power_iters": 0}, "init_power_iters must be an integer >= 1"),
         ({"init_std": 0.0}, "init_std must be a number > 0 or null"),
         ({"backward": "reversible"}, "backward must be one of"),

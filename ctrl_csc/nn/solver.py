@@ -703,18 +703,22 @@ class UnrolledLasso(nn.Module):
       cached value is used.
 
     The vector, ``L`` and the sizes they belong to are buffers in the state dict (loadable into
-    a module that has seen other sizes, or none).
+    a module that has seen other sizes, or none). Setting the attribute ``refresh_lipschitz`` to
+    ``False`` holds the estimate in training mode (no ``power_iters`` steps; new sizes are still
+    estimated): a constant step, which finite-difference checks need; never while a dictionary
+    learns.
 
     Threshold. ``λ`` is a constant, or with ``learn_lmbda`` ``λ = softplus(ρ)`` with ``ρ`` the
-    parameter ``raw_lmbda`` (kept positive). With ``lmbda_relative`` that value is a fraction of
-    each sample's ``λ_max = ‖Aᵀu‖_∞`` (see :func:`unrolled_lasso`).
+    parameter ``raw_lmbda`` (kept positive). With ``lmbda_relative`` the value is a fraction of
+    each sample's ``λ_max = ‖Aᵀu‖_∞`` (see :func:`unrolled_lasso`), learned as
+    ``sigmoid(ρ)``: kept below 1, where every code would be zero and ``ρ``'s gradient with it.
 
     Args:
         channels: channels of the unknown (for the power-iteration vector).
         lmbda, mu, n_iter, algorithm, nonnegative: see :func:`unrolled_lasso`.
         learn_lmbda: make ``λ`` a parameter.
         learn_step: learn a multiplier on ``η``.
-        power_iters: power-iteration steps per training forward (``≥ 0``).
+        power_iters: power-iteration steps per training forward (``≥ 1``).
         init_power_iters: steps when the sizes change / before evaluation (``≥ 1``).
         lmbda_relative: ``lmbda`` is a fraction (``< 1``) of each sample's ``λ_max``.
         backward: ``"unrolled"`` (default), ``"checkpoint"`` or ``"implicit"`` (see the module
@@ -767,9 +771,10 @@ class UnrolledLasso(nn.Module):
         self.power_iters = int(power_iters)
         self.init_power_iters = int(init_power_iters)
         self._fixed_lmbda = float(lmbda)
-        self.raw_lmbda = (
-            nn.Parameter(torch.tensor(_inverse_softplus(float(lmbda)))) if learn_lmbda else None
-        )
+        # a learned fraction of λ_max stays in (0, 1) (sigmoid): at 1 every code is zero and λ's
+        # gradient with it, so a softplus fraction that crossed 1 never came back
+        raw = math.log(lmbda / (1.0 - lmbda)) if lmbda_relative else _inverse_softplus(lmbda)
+        self.raw_lmbda = nn.Parameter(torch.tensor(raw)) if learn_lmbda else None
         self.max_step_scale = 1.0 if algorithm == "fista" else 2.0
         start = min(1.0, 0.95 * self.max_step_scale) / self.max_step_scale  # sigmoid(ρ₀)
         self.raw_step_scale = (
@@ -780,13 +785,17 @@ class UnrolledLasso(nn.Module):
         self.register_buffer("lipschitz_shape", torch.zeros(4, dtype=torch.long))
         self._lip_key: tuple[int, ...] | None = None  # mirrors lipschitz_shape (no device sync)
         self._lip_weight: Tensor | None = None  # the operator weight the estimate belongs to
+        self.refresh_lipschitz = True  # False: hold the estimate in training (see above)
 
     # ---- parameters -------------------------------------------------------------------------
     @property
     def lmbda(self) -> Tensor | float:
-        """The current ``λ`` (a 0-dim tensor when learnable)."""
+        """The current ``λ`` (a 0-dim tensor when learnable; a fraction of ``λ_max`` in
+        ``(0, 1)`` with ``lmbda_relative``)."""
         if self.raw_lmbda is None:
             return self._fixed_lmbda
+        if self.lmbda_relative:
+            return torch.sigmoid(self.raw_lmbda)
         return F.softplus(self.raw_lmbda)
 
     @property
@@ -824,7 +833,7 @@ class UnrolledLasso(nn.Module):
         else:
             v0 = self.power_vector.to(dtype=weight.dtype)
             if refresh:
-                n = self.power_iters
+                n = self.power_iters if self.refresh_lipschitz else 0
             elif not self._estimated_for(weight):
                 n = self.init_power_iters
             else:

@@ -149,7 +149,8 @@ class StageOptions:
         normalize_atoms: use unit-norm atoms (on the fly, differentiably).
         learn_lmbda: learn ``λ`` (as ``softplus(ρ)``, needs ``lmbda > 0``).
         learn_step: learn a multiplier on the step, bounded so the iterations still converge.
-        power_iters: power-iteration steps per training forward (``≥ 0``).
+        power_iters: power-iteration steps per training forward (``≥ 1``: the dictionary moves
+            every step, and a step size from an old estimate can exceed ``1/L``).
         init_power_iters: power-iteration steps at a new input size / before evaluation.
         lmbda_relative: ``lmbda`` is a fraction ``ρ < 1`` of each sample's ``λ_max = ‖Dᵀx‖_∞``
             (``max(Dᵀx)`` for non-negative codes), the smallest λ giving the zero code:
@@ -290,7 +291,7 @@ def check_algorithm(value: Any, setting: str) -> None:
 
 
 def check_power_iters(value: Any, setting: str) -> None:
-    _integer(value, setting, 0)
+    _integer(value, setting, 1)
 
 
 def check_init_power_iters(value: Any, setting: str) -> None:
