@@ -363,6 +363,71 @@ def test_decoder_phase_leaves_the_encoders_batch_statistics(joint):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+class StateRecordingGame(Game):
+    """Records both players' whole state (state dict: parameters, batch-norm statistics, solver
+    buffers; and ``.grad``) when each update starts and ends."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.records = []
+
+    def state(self):
+        return {
+            name: (
+                {k: v.detach().clone() for k, v in m.state_dict().items()},
+                [None if p.grad is None else p.grad.clone() for p in m.parameters()],
+            )
+            for name, m in self.modules.items()
+        }
+
+    def update(self, players, loss):
+        start = self.state()
+        super().update(players, loss)
+        self.records.append((players, start, self.state()))
+
+
+def assert_same_state(a, b, what):
+    (sa, ga), (sb, gb) = a, b
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), f"{what}: {k} moved"
+    for i, (x, y) in enumerate(zip(ga, gb, strict=True)):
+        assert (x is None and y is None) or torch.equal(x, y), f"{what}: .grad {i} changed"
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_each_phase_leaves_the_other_players_whole_state(joint):
+    """CSC players with batch norm and unrolled solvers: the encoder phase does not move the
+    decoder (its running statistics, Lipschitz estimates, parameters, gradients), the decoder
+    phase does not move the encoder."""
+    from ctrl_csc.models import CSCDecoder, CSCEncoder
+
+    torch.manual_seed(0)
+    stages = [{"out_channels": 4, "stride": 2}, {"out_channels": 6, "stride": 2}]
+    f = CSCEncoder(1, 8, feature_dim=D, stages=stages, norm="batch")
+    mirrored = [{"in_channels": 6, "stride": 2}, {"in_channels": 4, "stride": 2}]
+    g = CSCDecoder(1, 8, feature_dim=D, stages=mirrored, norm="batch")
+    game = sgd_game(f, g, game_cls=StateRecordingGame)
+    step = CTRLStep(CTRLObjective(**VARIANTS["samplewise_l2"]), encoder_steps=2, joint_batch=joint)
+    x, y = batch()
+    step(game, x, y)  # first use: each model's estimates are made for these sizes
+    game.records.clear()
+    start = game.state()
+    step(game, x, y)
+    end = game.state()
+    *encoder_rounds, (last, _, _) = game.records
+    assert [r[0] for r in encoder_rounds] == [("encoder",)] * 2 and last == ("decoder",)
+    for _, before, after in encoder_rounds:
+        assert_same_state(before["decoder"], start["decoder"], "encoder phase, decoder")
+        assert_same_state(after["decoder"], start["decoder"], "encoder phase, decoder")
+    assert_same_state(end["encoder"], encoder_rounds[-1][2]["encoder"], "decoder phase, encoder")
+    # and each player's own phase does move its statistics and estimates
+    for name in ("encoder", "decoder"):
+        moved = [k for k in start[name][0] if not torch.equal(start[name][0][k], end[name][0][k])]
+        assert any("running_mean" in k for k in moved), name
+        assert any("lipschitz_estimate" in k for k in moved), name
+
+
 def test_joint_batch_normalises_data_and_transcriptions_together():
     """With batch norm, the joint step's encoder update is that of the objective on
     ``f([X; X̂])`` (one batch's statistics), with ``X̂ = g(f(X))`` made without touching the

@@ -339,9 +339,7 @@ def test_relative_lambda_in_inverse_csc_and_gradients():
         v1, v5 = layer(z), layer(5.0 * z)
     torch.testing.assert_close(v5, 5.0 * v1, rtol=1e-10, atol=1e-12)
     assert 0 < int((v1 != 0).sum()) < v1.numel()
-    csc = CSCLayer(
-        2, 3, 3, stride=2, lmbda=0.2, n_iter=3, lmbda_relative=True
-    ).double()
+    csc = CSCLayer(2, 3, 3, stride=2, lmbda=0.2, n_iter=3, lmbda_relative=True).double()
     x = torch.randn(2, 2, 6, 5, dtype=F64, requires_grad=True)
     csc(x)  # λ_n = ρ·λ_max(x_n) is differentiated through
     csc.solver.refresh_lipschitz = False  # a constant step for the finite differences

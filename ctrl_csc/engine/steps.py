@@ -22,7 +22,14 @@ if TYPE_CHECKING:
     from ctrl_csc.engine.game import Game
     from ctrl_csc.losses import CTRLObjective
 
-__all__ = ["TrainStep", "CTRLStep", "ReconstructionStep", "frozen", "frozen_statistics"]
+__all__ = [
+    "TrainStep",
+    "CTRLStep",
+    "ReconstructionStep",
+    "frozen",
+    "frozen_state",
+    "frozen_statistics",
+]
 
 
 class TrainStep(Protocol):
@@ -55,6 +62,24 @@ def frozen_statistics(module: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextmanager
+def frozen_state(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` computes as in training (batch statistics, its solvers' current step sizes)
+    but its state does not move inside the block: batch-norm running statistics
+    (:func:`frozen_statistics`) and the Lipschitz estimates of its unrolled solvers (held:
+    ``refresh_lipschitz``; a size seen for the first time is still estimated)."""
+    solvers = [m for m in module.modules() if hasattr(m, "refresh_lipschitz")]
+    flags = [m.refresh_lipschitz for m in solvers]
+    for m in solvers:
+        m.refresh_lipschitz = False
+    try:
+        with frozen_statistics(module):
+            yield module
+    finally:
+        for m, flag in zip(solvers, flags, strict=True):
+            m.refresh_lipschitz = flag
+
+
+@contextmanager
 def frozen(module: nn.Module) -> Iterator[nn.Module]:
     """Parameters of ``module`` need no gradient inside the block (saves their weight-gradient
     convolutions when another player is being updated through it)."""
@@ -78,9 +103,11 @@ class CTRLStep:
     2. once: ``Z = f(X)`` under ``no_grad``, ``X̂ = g(Z)``, ``Ẑ = f(X̂)`` with f's parameters frozen,
        and the decoder *descends* ``terms.decoder_total``.
 
-    The two signs of the minimax game are written here and nowhere else. The decoder phase leaves
-    the encoder's state alone: its parameters get no gradient and its batch-norm running
-    statistics do not move.
+    The two signs of the minimax game are written here and nowhere else. Each phase leaves the
+    other player's state as it was (:func:`frozen_state`): no gradient reaches its parameters,
+    and its batch-norm running statistics and solvers' Lipschitz estimates do not move (only a
+    model's first forward at a new size makes its estimate, in whichever phase that happens). So
+    the decoder's running statistics follow its own phase's batches alone, as the encoder's do.
 
     ``joint_batch`` (for encoders with batch norm): ``X`` and ``X̂`` are encoded as one batch
     ``f([X; X̂])``, so both are normalised by the same statistics. Encoded apart, each batch is
@@ -133,7 +160,7 @@ class CTRLStep:
                         z = f_raw(x_in)
                 else:
                     z = f(x_in)
-                with torch.no_grad():
+                with torch.no_grad(), frozen_state(g_raw):
                     x_hat = g_raw(z.detach())
                 z, z_hat = self._encode_pair(f, x_in, x_hat, z)
             terms = self.objective(_wide(z), _wide(z_hat), labels)
@@ -141,7 +168,7 @@ class CTRLStep:
             game.update(("encoder",), -terms.total)  # the encoder maximises T
 
         x_in = add_noise(x, self.noise_std)
-        with frozen_statistics(f_raw):
+        with frozen_state(f_raw):
             with torch.no_grad(), game.autocast():
                 z = f_raw(x_in)
             with frozen(f_raw), game.autocast():
