@@ -38,6 +38,25 @@ def test_auto_continues_its_own_directory_and_never_a_sibling(tmp_path):
     assert trained_steps(a) == [1, 2, 3]
 
 
+def test_resume_reads_the_checkpoint_once(tmp_path, monkeypatch):
+    """The guard's check of the stored config and the trainer's load share one read (a large
+    checkpoint is not read and unpickled twice)."""
+    import ctrl_csc.cli.train as train_cli
+    import ctrl_csc.engine.trainer as trainer_module
+
+    run(cfg_of(BASE), tmp_path)
+    reads = []
+
+    def counting(path, *args, **kwargs):
+        reads.append(path)
+        return load_checkpoint(path, *args, **kwargs)
+
+    monkeypatch.setattr(train_cli, "load_checkpoint", counting)
+    monkeypatch.setattr(trainer_module, "load_checkpoint", counting)
+    run(cfg_of([*MORE, "trainer.resume=auto"]), tmp_path)
+    assert len(reads) == 1 and trained_steps(tmp_path) == [1, 2, 3]
+
+
 def sweep_job(root, date, num, overrides, steps="trainer.max_steps=2"):
     """One job of a sweep as Hydra lays it out: multirun/<name>/<date>/<num>/.hydra."""
     out = root / date / str(num)

@@ -217,14 +217,16 @@ def run(
         )
         check_monitor(cfg.get("monitor"), trainer.metric_names())
         resume = resolve_resume(tcfg.resume, output_dir, sweep_overrides)
-        if resume is not None:  # the guard reads the stored config before the trainer does
-            stored = load_checkpoint(resume, map_location="cpu").get("config")
+        state = None
+        if resume is not None:  # read once: the guard checks its config, the trainer loads it
+            state = load_checkpoint(resume, map_location="cpu")
+            stored = state.get("config")
             if isinstance(stored, dict) and "model" in stored:
                 check_stored_config(stored, f"{str(resume)!r}")
         wants_requeue = tcfg.get("handle_signals", True) and tcfg.get("requeue", True)
         restore = submitit_requeues_on_every_signal() if wants_requeue else (lambda: None)
         try:
-            return trainer.fit(resume=resume)
+            return trainer.fit(resume=resume, resume_state=state)
         finally:
             restore()
             trainer.close()
