@@ -1,4 +1,5 @@
-"""The README's Python example runs as written (two training steps instead of 200)."""
+"""What the README states: its Python example runs as written (two training steps instead of
+200), its model table's parameter counts are the configs'."""
 
 import re
 from pathlib import Path
@@ -40,3 +41,25 @@ def test_readme_commands_are_the_ci_commands():
     text = README.read_text()
     for tag in ("ci:setup", "ci:test"):
         assert f"<!-- {tag} -->\n```bash\n" in text
+
+
+def test_readme_parameter_counts_are_the_configs():
+    """Each row of the model table, built from its config at the row's resolution (the name's
+    ``_<size>``, 32 otherwise) with 3 channels, has the parameter count the README gives."""
+    from hydra import compose, initialize_config_dir
+
+    from ctrl_csc.cli.common import build_models, config_dir
+
+    table = README.read_text().split("| `model=` | for | parameters | what |\n")[1].split("\n\n")[0]
+    rows = re.findall(
+        r"^\| (`[a-z_0-9]+`(?: / `[a-z_0-9]+`)?) \| [^|]* \| ([0-9./ M]+) \|", table, re.M
+    )
+    assert len(rows) >= 10
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        for names, counts in rows:
+            for name, count in zip(re.findall(r"`(\w+)`", names), counts.split(" / "), strict=True):
+                size = int(m.group(1)) if (m := re.search(r"_(\d+)$", name)) else 32
+                over = [f"model={name}", "dataset.channels=3", f"dataset.image_size={size}"]
+                f, g = build_models(compose("train", overrides=over).model)
+                total = sum(p.numel() for m in (f, g) for p in m.parameters())
+                assert f"{total / 1e6:.2f} M" == count.strip(), (name, total)

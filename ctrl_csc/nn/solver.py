@@ -32,15 +32,16 @@ by :class:`UnrolledLasso`, and is never backpropagated through.
 Backward (``backward=``). ``"unrolled"`` backpropagates through every iteration, so the tensors
 saved for backward grow linearly with ``T``. ``"checkpoint"`` runs the iterations in
 ``⌈√(T−1)⌉``-long segments without a graph, saves only each segment's input ``(x, x_prev)`` and
-recomputes one segment at a time in backward: the same gradients (the same operations are
-replayed), ``O(√T)`` saved codes. ``"implicit"`` differentiates the *converged* Lasso solution
-instead of the iterations: the first ``T − 1`` iterations run without a graph, the last one is
-recorded, and its incoming gradient ``g`` is replaced by ``w = 1_S·(a(AᵀA + μ)_SS)⁻¹ g_S`` on the
-support ``S`` of ``x_T`` (conjugate gradients, matrix-free), which is the implicit-function-theorem
-gradient of the fixed point ``x* = prox(x* − η∇f(x*))`` with respect to ``u``, the operator and
-``λ`` (also ``λ_n = ρ·λ_max(u_n)`` when relative). It is exact only at a converged ``x_T`` with
-strict complementarity, and it does not differentiate the step size (the solution does not depend
-on ``η``), so ``learn_step`` is refused with it.
+recomputes one segment at a time in backward: the same gradients up to the summation order of
+the replayed operations (float64: 1e-12 relative), ``O(√T)`` saved codes. ``"implicit"``
+differentiates the *converged* Lasso solution instead of the iterations: the first ``T − 1``
+iterations run without a graph, the last one is recorded, and its incoming gradient ``g`` is
+replaced by ``w = 1_S·(a(AᵀA + μ)_SS)⁻¹ g_S`` on the support ``S`` of ``x_T`` (conjugate
+gradients, matrix-free), which is the implicit-function-theorem gradient of the fixed point
+``x* = prox(x* − η∇f(x*))`` with respect to ``u``, the operator and ``λ`` (also
+``λ_n = ρ·λ_max(u_n)`` when relative). It is exact only at a converged ``x_T`` with strict
+complementarity, and it does not differentiate the step size (the solution does not depend on
+``η``), so ``learn_step`` is refused with it.
 """
 
 from __future__ import annotations
