@@ -30,6 +30,14 @@ process after warm-up; ``*_ms`` are medians of ``--repeats`` steps, ``*_ms_iqr``
 ``speedup`` = median(reference) / median(ours) and ``speedup_pairs`` the median / min / max of
 the per-repeat ratios (the CPU may be shared: look at the spread). Target: ``speedup >= 1.3``.
 
+``--rollback`` measures instead what keeping a step undoable costs (``trainer.rollback_nonfinite``,
+on by default), per case: the same step with no copies (``none``), with ours (the models' buffers,
+scaler and RNG at the step's start, and the encoder's parameters and Adam state before its
+update: ``Trainer._snapshot`` + ``Game.keep_for_rollback``) and with the former snapshot (both
+models' state dicts and both optimisers' states cloned before every step, written out here):
+``*_ms`` medians per step and ``*_bytes`` the bytes each keeps, which is what it adds to the peak
+memory of a step.
+
 ``--ablate`` adds, per case, references that differ from ours in one aspect only
 (``ref_zgrad``, ``ref_loop_objective``, ``ref_layers``) and ``plain``: our models and objective in
 the plain loop (no ``Game``/``CTRLStep``), to attribute the difference.
@@ -53,7 +61,9 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from ctrl_csc.engine import CTRLStep, Game
+from ctrl_csc.engine.checkpoint import rng_state
 from ctrl_csc.engine.distributed import DistContext
+from ctrl_csc.engine.game import clone_tree
 from ctrl_csc.losses import CTRLObjective
 from ctrl_csc.nn import CSCLayer, SparseDeconvLayer
 from ctrl_csc.nn.stage import transposed_output_padding
@@ -69,6 +79,7 @@ OBJECTIVE_RTOL = 1e-4
 # model with a smaller batch than its experiment's 512 (CPU).
 CASES = [
     ("csc_ctrl_tiny", 1, 32, 128),
+    ("csc_ctrl_mini", 3, 32, 128),
     ("csc_ctrl_32", 3, 32, 32),
 ]
 VARIANTS = ("samplewise", "multiclass")
@@ -462,6 +473,79 @@ def run_case(
     return line
 
 
+def tree_bytes(tree: object) -> int:
+    if isinstance(tree, Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(tree_bytes(v) for v in tree.values())
+    if isinstance(tree, list | tuple):
+        return sum(tree_bytes(v) for v in tree)
+    return 0
+
+
+def rollback_case(
+    model: str, channels: int, size: int, batch: int, repeats: int, warmup: int, clock
+) -> dict:
+    """One CTRL step (samplewise) with no rollback copies, ours, and the former full snapshot."""
+    f, g = build(model, channels, size)
+    torch.manual_seed(1)
+    x = torch.rand(batch, channels, size, size) * 2 - 1
+    y = torch.randint(0, NUM_CLASSES, (batch,))
+    game = Game(f, g, {"encoder": adam(f), "decoder": adam(g)}, DistContext())
+    step = CTRLStep(CTRLObjective("samplewise", eps_sq=EPS_SQ))
+    kept: dict[str, int] = {}
+
+    def full() -> object:  # the reference: everything that load_state_dict would restore
+        return clone_tree({
+            "models": {n: m.state_dict() for n, m in game.modules.items()},
+            "optimizers": {n: o.state_dict() for n, o in game.optimizers.items()},
+            "scaler": game.scaler.state_dict(),
+        }) | {"rng": rng_state()}  # fmt: skip
+
+    def ours() -> object:  # Trainer._snapshot's part; the game keeps the rest as it updates
+        return {
+            "buffers": {
+                n: {k: b.detach().clone() for k, b in m.named_buffers()}
+                for n, m in game.modules.items()
+            },
+            "scaler": clone_tree(game.scaler.state_dict()),
+            "rng": rng_state(),
+        }
+
+    def run(policy: str) -> None:
+        game.keep_for_rollback = policy == "ours"
+        game.begin_step()
+        before = {"none": lambda: None, "ours": ours, "full": full}[policy]()
+        step(game, x, y)
+        kept[policy] = tree_bytes(before) + tree_bytes(game._kept)
+
+    names = ["none", "ours", "full"]
+    for _ in range(warmup):
+        for name in names:
+            run(name)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = clock()
+            run(name)
+            times[name].append((clock() - start) * 1e3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    params = sum(p.numel() * p.element_size() for m in (f, g) for p in m.parameters())
+    return {
+        "bench": "rollback",
+        "model": model,
+        "batch": batch,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        **{f"{k}_ms": round(v, 1) for k, v in med.items()},
+        "parameter_bytes": params,
+        **{f"{k}_bytes": kept[k] for k in names[1:]},
+        "ours_over_full_bytes": round(kept["ours"] / kept["full"], 3),
+        "ours_cost_ms": round(med["ours"] - med["none"], 1),
+        "full_cost_ms": round(med["full"] - med["none"], 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=9, help="timed steps per implementation")
@@ -469,6 +553,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--quick", action="store_true", help="5 repeats, 1 warm-up step")
     parser.add_argument("--ablate", action="store_true", help="also one-aspect references")
+    parser.add_argument("--rollback", action="store_true", help="the cost of rollback copies")
     parser.add_argument("--distance", choices=("l2", "rate"), default="l2",
                         help="sample-wise distance of the samplewise variant")  # fmt: skip
     parser.add_argument("--models", nargs="*", default=[c[0] for c in CASES],
@@ -488,6 +573,10 @@ def main() -> None:
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     for model, channels, size, batch in CASES:
         if model not in args.models:
+            continue
+        if args.rollback:
+            line = rollback_case(model, channels, size, batch, repeats, warmup, clock)
+            print(json.dumps({**line, "clock": args.clock}), flush=True)
             continue
         for variant in args.variants:
             line = run_case(

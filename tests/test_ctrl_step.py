@@ -144,9 +144,9 @@ class RecordingGame(Game):
             for name, m in self.modules.items()
         }
 
-    def update(self, players, loss):
+    def update(self, players, loss, last=False):
         before = self._snapshot()
-        super().update(players, loss)
+        super().update(players, loss, last)
         self.calls.append((tuple(players), before, self._snapshot()))
 
 
@@ -343,9 +343,9 @@ class BufferRecordingGame(Game):
     def _buffers(self):
         return [b.detach().clone() for b in self.raw_encoder.buffers()]
 
-    def update(self, players, loss):
+    def update(self, players, loss, last=False):
         start = self._buffers()
-        super().update(players, loss)
+        super().update(players, loss, last)
         self.records.append((players, start, self._buffers()))
 
 
@@ -380,9 +380,9 @@ class StateRecordingGame(Game):
             for name, m in self.modules.items()
         }
 
-    def update(self, players, loss):
+    def update(self, players, loss, last=False):
         start = self.state()
-        super().update(players, loss)
+        super().update(players, loss, last)
         self.records.append((players, start, self.state()))
 
 

@@ -99,3 +99,20 @@ def test_a_state_with_non_finite_weights_is_never_written(tmp_path):
     with pytest.raises(NonFiniteObjectiveError, match=r"decoder's fc\.weight is not finite"):
         trainer.save("last.pt")
     assert path.read_bytes() == before
+
+
+def test_rollback_keeps_only_what_a_failure_can_corrupt(tmp_path):
+    """Before a step the trainer copies buffers, scaler and RNG; the game copies a player only
+    before an update that a check can follow: the encoder's in the CTRL step, nothing in the
+    reconstruction step (its one update is its last)."""
+    from ctrl_csc.engine import ReconstructionStep
+
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.fit()
+    assert set(trainer.game._kept) == {"encoder"}
+    params, opt_state = trainer.game._kept["encoder"]
+    assert len(params) == len(list(trainer.encoder.parameters())) and opt_state["state"] == {}
+    ae = make_trainer(tmp_path / "ae", max_steps=1, step=ReconstructionStep())
+    ae.fit()
+    assert ae.game._kept == {}
+    assert set(trainer._snapshot()) == {"buffers", "scaler", "rng"}

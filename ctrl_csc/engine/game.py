@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 from torch import nn
@@ -102,9 +103,14 @@ class Game:
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=use_scaler)
         self.applied: list[str] = []  # players updated so far in the current training step
         self.failed: str | None = None  # what check_finite found non-finite
+        #: keep, before a player's first update of a step, what the update overwrites (its
+        #: parameters and optimiser state), so that :meth:`roll_back` can undo it; the trainer
+        #: sets it (``trainer.rollback_nonfinite``)
+        self.keep_for_rollback = False
+        self._kept: dict[str, tuple[list[torch.Tensor], dict[str, Any]]] = {}
 
     def begin_step(self) -> None:
-        self.applied, self.failed = [], None
+        self.applied, self.failed, self._kept = [], None, {}
 
     def autocast(self) -> AbstractContextManager:
         if not self.amp:
@@ -119,8 +125,18 @@ class Game:
                 "trainer.grad_clip, or increase the loss's eps_sq"
             )
 
-    def update(self, players: Sequence[str], loss: torch.Tensor) -> None:
-        """One optimiser step of ``players`` on ``loss`` (to be *minimised*)."""
+    def update(self, players: Sequence[str], loss: torch.Tensor, last: bool = False) -> None:
+        """One optimiser step of ``players`` on ``loss`` (to be *minimised*).
+
+        ``last``: nothing that can fail follows this update in the step (its final update), so
+        it is not kept for :meth:`roll_back`; a step that checks something after it must leave
+        it ``False``.
+        """
+        if self.keep_for_rollback and not last:
+            for name in players:
+                if name not in self._kept:
+                    params = [p.detach().clone() for p in self.modules[name].parameters()]
+                    self._kept[name] = (params, clone_tree(self.optimizers[name].state_dict()))
         for name in players:
             self.optimizers[name].zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -132,3 +148,30 @@ class Game:
             self.scaler.step(opt)
         self.scaler.update()
         self.applied.extend(players)
+
+    def roll_back(self) -> None:
+        """Undo the updates applied in this step (parameters and optimiser states as they were
+        before the step), from what :attr:`keep_for_rollback` kept."""
+        for name in dict.fromkeys(self.applied):
+            if name not in self._kept:
+                raise RuntimeError(
+                    f"the {name}'s update of this step was not kept (keep_for_rollback unset, or "
+                    "the update was marked last although a check followed it)"
+                )
+            params, opt_state = self._kept[name]
+            with torch.no_grad():
+                for p, saved in zip(self.modules[name].parameters(), params, strict=True):
+                    p.copy_(saved)
+            self.optimizers[name].load_state_dict(opt_state)
+        self.applied, self._kept = [], {}
+
+
+def clone_tree(tree: Any) -> Any:
+    """A copy of nested dicts/lists whose tensors are cloned (on their device)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone()
+    if isinstance(tree, Mapping):
+        return {k: clone_tree(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(clone_tree(v) for v in tree)
+    return tree

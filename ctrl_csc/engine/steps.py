@@ -176,7 +176,8 @@ class CTRLStep:
                 z, z_hat = self._encode_pair(f_raw, x_in, x_hat, z)
         terms = self.objective(_wide(z), _wide(z_hat), labels)
         game.check_finite(terms.decoder_total, "decoder objective")
-        game.update(("decoder",), terms.decoder_total)  # the decoder minimises its quantity
+        # the decoder minimises its quantity; the step's last update (nothing to roll back after)
+        game.update(("decoder",), terms.decoder_total, last=True)
         return {f"objective/{k}": v for k, v in terms.as_dict().items()}
 
 
@@ -204,7 +205,7 @@ class ReconstructionStep:
         sparsity = _wide(code).abs().mean()
         loss = rec + self.code_l1 * sparsity
         game.check_finite(loss, "reconstruction loss")
-        game.update(("encoder", "decoder"), loss)
+        game.update(("encoder", "decoder"), loss, last=True)
         return {
             "loss/reconstruction": rec.detach(),
             "loss/code_l1": sparsity.detach(),

@@ -50,7 +50,7 @@ from ctrl_csc.engine.distributed import (
     gather_objects,
     rank_seed,
 )
-from ctrl_csc.engine.game import Game, NonFiniteObjectiveError
+from ctrl_csc.engine.game import Game, NonFiniteObjectiveError, clone_tree
 from ctrl_csc.engine.loggers import JSONLinesLogger, format_metrics
 from ctrl_csc.engine.steps import TrainStep
 
@@ -124,11 +124,14 @@ class Trainer:
         ctx: process and device (:func:`~ctrl_csc.engine.setup_distributed`).
         config: the resolved run configuration (plain containers), stored in every checkpoint.
         progress: progress bar; ``None`` shows it only when stderr is a terminal.
-        rollback_nonfinite: keep an in-memory copy of the state from before each step (models,
-            optimisers, schedulers, scaler, RNG; on the training device), so that a non-finite
+        rollback_nonfinite: keep in memory what a failing step can corrupt, so that a non-finite
             objective in the middle of a step (e.g. the decoder's, after the encoder's updates of
-            that step were applied) saves the state from *before* the failing step. Without it
-            such a mid-step state is not saved at all (the last checkpoint on disk is kept).
+            that step were applied) saves the state from *before* the failing step: the models'
+            buffers, scaler and RNG at each step's start, and, before a player's first update in
+            a step that is not its last (``Game.update(..., last=True)``), that player's
+            parameters and optimiser state (``CTRLStep``: the encoder's; on the training
+            device). Without it such a mid-step state is not saved at all (the last checkpoint
+            on disk is kept).
         handle_signals: SIGTERM / SIGUSR1 (preemption) finish the current step, write
             ``checkpoints/last.pt`` and raise :class:`TrainingPreempted`, a ``SystemExit`` with
             status :data:`~ctrl_csc.engine.distributed.PREEMPTED_EXIT_CODE` (75).
@@ -182,6 +185,7 @@ class Trainer:
         self.config = dict(config or {})
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.rollback_nonfinite = rollback_nonfinite
+        self.game.keep_for_rollback = bool(rollback_nonfinite)
         self.handle_signals, self.requeue = handle_signals, requeue
         self.resume_strict = resume_strict
         self.step = 0
@@ -268,13 +272,29 @@ class Trainer:
         return save_checkpoint(state, self.output_dir / "checkpoints" / name)
 
     def _snapshot(self) -> dict[str, Any]:
-        """The state before a step, copied on its device (what :meth:`load_state_dict` takes)."""
-        state = self.state_dict()
-        state["models"] = _clone(state["models"])
-        state["optimizers"] = _clone(state["optimizers"])
-        state["schedulers"] = _clone(state["schedulers"])
-        state["scaler"] = _clone(state["scaler"])
-        return state
+        """What a failing step can change besides the updates it applied (which the game keeps
+        as it applies them): the models' buffers (batch-norm statistics, Lipschitz estimates),
+        the scaler and the random state. Copied on their devices."""
+        return {
+            "buffers": {
+                name: {k: b.detach().clone() for k, b in module.named_buffers()}
+                for name, module in self.game.modules.items()
+            },
+            "scaler": clone_tree(self.game.scaler.state_dict()),
+            "rng": rng_state(),
+        }
+
+    def _roll_back(self, before: Mapping[str, Any]) -> None:
+        """The state from before the failing step: the game undoes its applied updates, then the
+        buffers, scaler and random state of :meth:`_snapshot` are put back."""
+        self.game.roll_back()
+        for name, module in self.game.modules.items():
+            state = module.state_dict()  # parameters as rolled back, buffers as they were
+            state.update(before["buffers"][name])
+            load_module_state(module, state, name)
+        if before["scaler"]:
+            self.game.scaler.load_state_dict(before["scaler"])
+        set_rng_state(before["rng"])
 
     def _preempted(self, guard: PreemptionGuard) -> TrainingPreempted:
         """After the step in progress: write ``last.pt``, requeue where possible, and stop."""
@@ -303,7 +323,7 @@ class Trainer:
             counts = ", ".join(f"{p} {applied.count(p)}x" for p in dict.fromkeys(applied))
             note = f", after this step's update(s) of {counts} had been applied"
         if before is not None:
-            self.load_state_dict(before, own_rng=True)  # roll the applied updates back
+            self._roll_back(before)
         elif applied:
             return NonFiniteObjectiveError(
                 f"{error} [the {what} in training step {failing}{note}; that mid-step state "
@@ -526,17 +546,6 @@ class Trainer:
 def _plain_batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of the loader's dataset in storage order (does not move the training sampler)."""
     return iter(DataLoader(loader.dataset, batch_size=loader.batch_size or 256, shuffle=False))
-
-
-def _clone(tree: Any) -> Any:
-    """A copy of nested dicts/lists whose tensors are cloned (on their device)."""
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().clone()
-    if isinstance(tree, Mapping):
-        return {k: _clone(v) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return type(tree)(_clone(v) for v in tree)
-    return tree
 
 
 def _mean_of(rows: list[dict[str, Any]]) -> dict[str, float]:
