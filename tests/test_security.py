@@ -173,6 +173,24 @@ def test_a_hostile_dataset_target_is_refused_before_evaluation(release, tmp_path
         assert not victim.exists() and not (tmp_path / "out" / "eval.json").exists()
 
 
+def test_a_stored_dataset_entry_chooses_no_location_and_no_download(release, tmp_path, monkeypatch):
+    """A file whose dataset entry names a folder of its choosing and ``download: true``: the
+    evaluator neither creates that folder nor downloads; it reads ``$CTRL_CSC_DATA/<name>`` (or
+    ``eval.data_root``) and says that the data is missing there."""
+    tensors, states, config = release
+    chosen, data = tmp_path / "chosen", tmp_path / "data"
+    monkeypatch.setenv("CTRL_CSC_DATA", str(data))
+    bad = copy.deepcopy(config)
+    bad["dataset"] = {**bad["dataset"], "name": "mnist", "root": str(chosen), "download": True}
+    del bad["dataset"]["test_size"]  # an option of mnist5k only
+    for path in _loaders(tmp_path, tensors, states, bad, "loc"):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("eval", overrides=[f"checkpoint={path}", "eval.plots=false"])
+        with pytest.raises(FileNotFoundError, match=re.escape(str(data / "mnist"))):
+            eval_cli.run(cfg, tmp_path / "out")
+        assert not chosen.exists() and not data.exists()
+
+
 def test_the_error_is_a_checkpoint_error_naming_setting_and_allowed_classes(release, tmp_path):
     tensors, states, config = release
     bad = copy.deepcopy(config)

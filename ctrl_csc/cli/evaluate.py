@@ -73,15 +73,39 @@ def eval_dataset_config(cfg: DictConfig, train_config: dict[str, Any]) -> DictCo
     return data
 
 
+#: Dataset arguments that say where data is read, written or fetched from: a stored config's
+#: are never used (the command line's ``eval.data_root`` / ``eval.download`` or the environment's
+#: ``$CTRL_CSC_DATA`` decide), so a model file cannot choose what is downloaded or where.
+LOCATION_KEYS = ("root", "download")
+
+
 def build_eval_dataset(cfg: DictConfig, data_cfg: DictConfig, split: str):
     """The evaluation dataset: ``dataset=NAME`` of the user's own config through Hydra, or the
     checkpoint's stored dataset, built only through the allow-listed
-    :func:`ctrl_csc.data.build_dataset` (a file's config never reaches ``instantiate``)."""
+    :func:`ctrl_csc.data.build_dataset` (a file's config never reaches ``instantiate``), with
+    its location and ``download`` from this command (:data:`LOCATION_KEYS`), not from the file."""
     if cfg.get("dataset") is not None:
         return instantiate(data_cfg, split=split)
     source = f"{str(cfg.checkpoint)!r}"
+    entry = plain_config(data_cfg, source)
+    stored_root = entry.get("root")
+    entry = {k: v for k, v in entry.items() if k not in LOCATION_KEYS}
+    root = cfg.eval.get("data_root")
+    if stored_root is not None and root is None:
+        log.info(
+            "the checkpoint's dataset root %r is not used: the data is read from "
+            "eval.data_root, else $CTRL_CSC_DATA/%s",
+            stored_root,
+            entry.get("name"),
+        )
     fn, kwargs = checked_entry(
-        plain_config(data_cfg, source), DATASET_BUILDERS, "dataset", source, split=split
+        entry,
+        DATASET_BUILDERS,
+        "dataset",
+        source,
+        split=split,
+        root=root,
+        download=bool(cfg.eval.get("download", False)),
     )
     return fn(**kwargs)
 
