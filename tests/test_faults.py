@@ -122,6 +122,45 @@ def truncated_image(tmp, files, mp):
     return {"data": data}
 
 
+def _huge_png(path, side):
+    """A grey PNG whose header declares ``side`` x ``side`` pixels (all black), written row by
+    row: a few hundred kB on disk, ``side²`` bytes once decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    pack = zlib.compressobj(9)
+    row = b"\x00" * (side + 1)  # filter byte + pixels
+    body = b"".join(pack.compress(row) for _ in range(side)) + pack.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body)
+                     + chunk(b"IEND", b""))  # fmt: skip
+
+
+def _image_folder_with_one_of(side):
+    """An image folder holding one ``side²``-pixel image; decoding any image above our limit
+    (4096² for 32-pixel images) fails the case: the peak memory of a decode stays bounded."""
+    from PIL import ImageFile
+
+    def setup(tmp, files, mp):
+        data = _image_folder(tmp / "data")
+        _huge_png(data / "a" / "00_huge.png", side)
+        real = ImageFile.ImageFile.load
+
+        def load(image):
+            assert image.size[0] * image.size[1] <= 4096 * 4096, f"decoded {image.size}"
+            return real(image)
+
+        mp.setattr(ImageFile.ImageFile, "load", load)
+        return {"data": data}
+
+    return setup
+
+
 def unsorted_imagenet(tmp, files, mp):
     for i in range(3):
         _png(tmp / "imagenet" / "train" / f"img{i}.png", "RGB", seed=i)
@@ -275,6 +314,12 @@ FAULTS = [
     Fault("non-image-in-worker", "data", "the same, met by a data-loader worker",
           (*IMAGEFOLDER, "trainer.num_workers=1"), ("the image file", "cannot be read"),
           setup=non_images_in_a_worker),
+    Fault("decompression-bomb", "data", "a 200 kB PNG declaring 15,000 x 15,000 pixels",
+          IMAGEFOLDER, ("the image file", "00_huge.png' cannot be read",
+                        "DecompressionBombError"), setup=_image_folder_with_one_of(15000)),
+    Fault("oversized-image", "data", "a 5,000 x 5,000 image (under PIL's own limit)",
+          IMAGEFOLDER, ("the image file", "00_huge.png' declares 5000x5000 pixels",
+                        "downscale it"), setup=_image_folder_with_one_of(5000)),
     Fault("empty-class-folder", "data", "a class folder with no images",
           IMAGEFOLDER, ("the class folder", "holds no images", "remove the folder"),
           setup=empty_class_folder),

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .transforms import ImageTransform
+from .transforms import ImageTransform, read_image
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +106,7 @@ class ImageFileDataset(LabelledDataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as image:
-                image.load()
-                return self.transform(image), int(label)
-        except (OSError, ValueError, SyntaxError) as e:  # PIL: unidentified / truncated / broken
-            raise ValueError(
-                f"dataset: the image file {path!r} cannot be read ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else 'no details'}); replace or remove it"
-            ) from None
+        return read_image(path, path, self.transform), int(label)
 
 
 def _is_image(name: str) -> bool:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .transforms import ImageTransform
+from .transforms import ImageTransform, read_image
 
 __all__ = [
     "CIFAR10_FILES",
@@ -269,6 +269,5 @@ class LMDBImageDataset(Dataset):
             )
         with self._env.begin(write=False) as txn:
             buf = txn.get(self.keys[index])
-        with Image.open(io.BytesIO(buf)) as image:
-            image.load()
-            return self.transform(image), self.label
+        name = f"{self.path}[{self.keys[index]!r}]"
+        return read_image(io.BytesIO(buf), name, self.transform), self.label

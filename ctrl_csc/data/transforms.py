@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["ImageTransform", "to_signed_tensor"]
+__all__ = ["ImageTransform", "pixel_limit", "read_image", "to_signed_tensor"]
 
 
 def to_signed_tensor(image: Image.Image) -> torch.Tensor:
@@ -95,3 +95,32 @@ class ImageTransform:
             f"{type(self).__name__}(image_size={self.image_size}, mode={self.mode!r}, "
             f"crop_size={self.crop_size}, flip={self.flip})"
         )
+
+
+def pixel_limit(image_size: int) -> int:
+    """The most pixels an image file may declare to be decoded for ``image_size``-pixel outputs:
+    4096² (a decoded RGB image of 50 MB), or 64 times the output's pixels if that is more. PIL's
+    own guard only warns below 89 M pixels, and a file's header can declare any size."""
+    return max(4096 * 4096, 64 * int(image_size) ** 2)
+
+
+def read_image(source, name: str, transform: ImageTransform) -> torch.Tensor:
+    """Decode one image file (``source``: a path or a binary stream; ``name`` names it in errors)
+    and apply ``transform``. A file that declares more than :func:`pixel_limit` pixels is refused
+    from its header, before it is decoded; one that cannot be read is refused by name too."""
+    limit = pixel_limit(transform.image_size)
+    try:
+        with Image.open(source) as image:
+            w, h = image.size
+            if w * h <= limit:
+                image.load()
+                return transform(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(
+            f"dataset: the image file {name!r} cannot be read ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'no details'}); replace or remove it"
+        ) from None
+    raise ValueError(
+        f"dataset: the image file {name!r} declares {w}x{h} pixels, more than the {limit:,} "
+        f"decoded for {transform.image_size}-pixel images; downscale it or remove it"
+    )
