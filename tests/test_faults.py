@@ -69,8 +69,10 @@ class Fault:
     status: int = EXIT_USER_ERROR
     cli: str = "train"
     setup: Callable | None = None
-    runner: str = "in_process"
+    runner: str = "in_process"  # or "kill9", or "measured": a process of its own (see below)
     shows: str | None = None  # the README's column, where ``says`` is not what the user reads
+    max_rss_mb: int | None = None  # "measured": the most memory the command may take
+    max_seconds: float | None = None  # "measured": the most time it may take
     marks: tuple = field(default=())
 
 
@@ -359,6 +361,15 @@ FAULTS = [
           ("trainer.resume={hostile}",), ("model.encoder", "numpy.savetxt")),
     Fault("release-hostile-config", "checkpoint", "the same in a `.safetensors` release",
           ("checkpoint={evil}",), ("numpy.savetxt", "evil.safetensors"), cli="eval"),
+    Fault("release-wider-stages", "checkpoint",
+          "the quickstart release, its config edited to 8,192 atoms in two stages",
+          ("checkpoint={wide_8192}",), ("builds stages.1.weight of shape (8192, 32, 4, 4)",
+                                        "the file's tensor is (64, 32, 4, 4)", "wide_8192"),
+          cli="eval", runner="measured", max_rss_mb=1536, max_seconds=20),
+    Fault("release-huge-stages", "checkpoint", "the same with 131,072 atoms (a TB of weights)",
+          ("checkpoint={wide_131072}",), ("builds stages.1.weight of shape (131072, 32, 4, 4)",
+                                          "the stored config and the weights disagree"),
+          cli="eval", runner="measured", max_rss_mb=1536, max_seconds=20),
     Fault("release-missing", "checkpoint", "an unknown release name or path",
           ("checkpoint=/nonexistent.pt",), ("no pretrained model '/nonexistent.pt'",),
           cli="eval"),
@@ -428,6 +439,13 @@ def files(tmp_path_factory):
     config["model"]["encoder"] = {"_target_": "numpy.savetxt", "fname": str(d / "pwned"), "X": [1]}
     meta = {"format": RELEASE_FORMAT, "config": json.dumps(config), "metrics": "{}"}
     save_file(load_file(str(PRETRAINED["quickstart"])), str(d / "evil.safetensors"), metadata=meta)
+    for atoms in (8192, 131072):  # the weights as shipped, the config declaring wider stages
+        wide = read_release(PRETRAINED["quickstart"])[1]
+        for stage in wide["model"]["encoder"]["stages"][1:]:
+            stage["out_channels"] = atoms
+        meta = {"format": RELEASE_FORMAT, "config": json.dumps(wide), "metrics": "{}"}
+        save_file(load_file(str(PRETRAINED["quickstart"])), str(d / f"wide_{atoms}.safetensors"),
+                  metadata=meta)  # fmt: skip
     names = ("cut", "foreign", "text", "payload", "hostile")
     return {
         "dir": d,
@@ -435,6 +453,7 @@ def files(tmp_path_factory):
         "ckpt": ckpt,
         "ckpt_digest": digest(ckpt),
         "evil": d / "evil.safetensors",
+        **{f"wide_{n}": d / f"wide_{n}.safetensors" for n in (8192, 131072)},
         **{n: d / f"{n}.pt" for n in names},
     }
 
@@ -472,6 +491,30 @@ from ctrl_csc.cli.train import main
 sys.argv = ["ctrl-csc-train", *sys.argv[2:]]
 main()
 """
+
+
+MEASURE = """
+import resource, subprocess, sys, time
+start = time.monotonic()
+done = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
+sys.stdout.write(done.stdout)
+print(f"MEASURED {done.returncode} {peak} {time.monotonic() - start:.1f}")
+"""
+
+
+def run_measured(cli: str, args: list[str]) -> tuple[int, str, int, float]:
+    """The console script in a process of its own, through a wrapper whose only child it is:
+    ``(status, output, peak resident memory in MB, seconds)``."""
+    module = {"train": "ctrl_csc.cli.train", "eval": "ctrl_csc.cli.evaluate"}[cli]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, sys.executable, "-m", module, *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    out, _, last = done.stdout.rstrip("\n").rpartition("\n")
+    _, status, peak, seconds = last.split()
+    return int(status), out, int(peak), float(seconds)
 
 
 def run_killed_during_save(args: list[str], tmp: Path) -> tuple[int, str]:
@@ -517,6 +560,10 @@ def test_fault(fault, files, tmp_path, capsys, monkeypatch):
 
     if fault.runner == "kill9":
         status, text = run_killed_during_save(args, tmp_path)
+    elif fault.runner == "measured":
+        status, text, peak_mb, seconds = run_measured(fault.cli, args)
+        assert peak_mb <= fault.max_rss_mb, f"peak memory {peak_mb} MB"
+        assert seconds <= fault.max_seconds, f"{seconds} s"
     else:
         status, text = run_in_process(fault.cli, args, capsys)
 

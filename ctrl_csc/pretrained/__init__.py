@@ -111,7 +111,11 @@ def load_pretrained(
         ``(model, config)``: an :class:`~ctrl_csc.models.Autoencoder` (``.encoder``,
         ``.decoder``; ``model(x)`` gives ``(z, x̂)``) in eval mode and the run's resolved config.
     """
-    from ctrl_csc.pretrained.guard import build_models, check_stored_config
+    from ctrl_csc.pretrained.guard import (
+        build_models,
+        check_config_against_tensors,
+        check_stored_config,
+    )
 
     name = str(path_or_name)
     path = PRETRAINED.get(name, Path(name))
@@ -127,6 +131,7 @@ def load_pretrained(
         states, config = ckpt["models"], ckpt["config"]
     source = f"{str(path)!r}"
     config = check_stored_config(config, source)  # before anything is built from it
+    check_config_against_tensors(config["model"], states, source)  # before anything is allocated
     encoder, decoder = build_models(config["model"], device, source=source)
     load_module_state(encoder, states["encoder"], "encoder")
     load_module_state(decoder, states["decoder"], "decoder")

@@ -246,6 +246,37 @@ def build_models(
     return built[0], built[1]
 
 
+def check_config_against_tensors(
+    model_cfg: dict, states: Mapping[str, Mapping[str, torch.Tensor]], source: str
+) -> None:
+    """Refuse a stored model config that does not build the file's tensors, before a model of
+    the config's size exists: the models are built on the ``meta`` device (shapes, no memory)
+    and every parameter (and every buffer the file holds, but the power-iteration vectors, whose
+    size follows the inputs seen) must have the shape of the file's tensor. A config edited to
+    declare wider stages is one :class:`CheckpointError`, not gigabytes allocated."""
+    with torch.device("meta"):
+        built = build_models(model_cfg, "meta", source=source)
+    for part, module in zip(("encoder", "decoder"), built, strict=True):
+        stored = states.get(part, {})
+        named = [*module.named_parameters(), *module.named_buffers()]
+        for name, tensor in named:
+            if name.rsplit(".", 1)[-1] == "power_vector":
+                continue
+            held = stored.get(name)
+            if held is None and isinstance(tensor, torch.nn.Parameter):
+                raise CheckpointError(
+                    f"{source}: its model.{part} config builds {name} of shape "
+                    f"{tuple(tensor.shape)}, which the file's tensors do not hold: the stored "
+                    "config and the weights disagree (was the file edited?)"
+                )
+            if held is not None and tuple(held.shape) != tuple(tensor.shape):
+                raise CheckpointError(
+                    f"{source}: its model.{part} config builds {name} of shape "
+                    f"{tuple(tensor.shape)}, the file's tensor is {tuple(held.shape)}: the "
+                    "stored config and the weights disagree (was the file edited?)"
+                )
+
+
 #: Model settings that are sizes (positive integers) and those that are numbers, by key name.
 _MODEL_SIZES = frozenset(
     {"in_channels", "out_channels", "channels", "kernel_size", "stride", "n_iter", "image_size",
