@@ -222,9 +222,27 @@ def _check_counts(cfg: Any, group: str, at_least: dict[str, int], nullable: tupl
             raise ValueError(f"{group}.{key} must be {kind}, got {value!r}; set {group}.{key}=N")
 
 
+#: What ``eval.generate`` may ask for (:mod:`ctrl_csc.eval.generate`).
+GENERATIONS = ("samples", "traversals", "interpolations")
+
+
 def check_eval_settings(ecfg: Any) -> None:
     """Every count in ``eval`` an integer in range, refused with the setting named."""
     _check_counts(ecfg, "eval", _EVAL_AT_LEAST, ("num_images", "probe_images"))
+    generate = list(ecfg.get("generate") or [])
+    unknown = [g for g in generate if g not in GENERATIONS]
+    if unknown:
+        raise ValueError(
+            f"eval.generate: unknown {unknown}; choose from {list(GENERATIONS)}, e.g. "
+            "eval.generate=[samples,traversals]"
+        )
+    for key in ("generate_components", "generate_per_class", "generate_directions"):
+        value = ecfg.get(key, 1)
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"eval.{key} must be a positive integer, got {value!r}")
+    steps = ecfg.get("generate_steps", 8)
+    if not _is_int(steps) or steps < 2:
+        raise ValueError(f"eval.generate_steps must be an integer >= 2, got {steps!r}")
 
 
 def check_trainer_settings(tcfg: Any) -> None:

@@ -44,6 +44,8 @@ from ctrl_csc.eval import (
     plot_feature_subspaces,
     reconstruction_grid,
 )
+from ctrl_csc.eval.generate import encode_loader, generation_report
+from ctrl_csc.eval.visualize import labelled_rows
 from ctrl_csc.pretrained import load_pretrained
 from ctrl_csc.pretrained.guard import DATASET_BUILDERS, checked_entry, plain_config
 
@@ -153,6 +155,48 @@ def format_table(metrics: dict[str, float]) -> str:
     )
 
 
+def write_generations(model, probe, loader, ecfg, device, output_dir: Path) -> dict[str, float]:
+    """``eval.generate``: fit each class's features on the training images (``probe``), decode
+    samples, traversals and interpolations of held-out pairs (``loader``), write one labelled
+    PNG each; return the class-consistency measures (:mod:`ctrl_csc.eval.generate`)."""
+    z_train, y_train, _ = encode_loader(model.encoder, probe, device, ecfg.probe_images)
+    _, y_test, x_test = encode_loader(model.encoder, loader, device, ecfg.num_images, True)
+    report = generation_report(
+        model.encoder, model.decoder, z_train, y_train, x_test, y_test,
+        n_components=ecfg.generate_components, per_class=ecfg.generate_per_class,
+        directions=ecfg.generate_directions, steps=ecfg.generate_steps, device=device,
+    )  # fmt: skip
+    names = getattr(probe.dataset, "classes", None)
+
+    def name(label: int) -> str:
+        return str(names[label]) if names is not None and 0 <= label < len(names) else str(label)
+
+    per = ecfg.generate_per_class
+    classes = [m.label for m in report.models]
+    wanted = set(ecfg.generate)
+    if "samples" in wanted:
+        rows = report.samples.unflatten(0, (len(classes), per))
+        labelled_rows(rows, [name(c) for c in classes], output_dir / "samples.png",
+                      "samples: class mean + Gaussian on its top directions")  # fmt: skip
+    if "traversals" in wanted:
+        t = report.traversals  # (classes, directions * steps, ...)
+        k = t.shape[1] // ecfg.generate_steps
+        rows = t.unflatten(1, (k, ecfg.generate_steps)).flatten(0, 1)
+        labels = [f"{name(c)} · u{i + 1}" for c in classes for i in range(k)]
+        labelled_rows(rows, labels, output_dir / "traversals.png",
+                      "traversals: class mean ± 2σ along each top direction")  # fmt: skip
+    if "interpolations" in wanted and len(report.interpolations):
+        pairs = report.pair_labels
+        labels = (
+            [f"{name(a)} → {name(b)}" for a, b in pairs]
+            if pairs is not None
+            else [f"pair {i + 1}" for i in range(len(report.interpolations))]
+        )
+        labelled_rows(report.interpolations, labels, output_dir / "interpolations.png",
+                      "interpolations between held-out images (on the sphere)")  # fmt: skip
+    return report.metrics
+
+
 def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     output_dir = check_writable(output_dir)
     ecfg = cfg.eval
@@ -164,9 +208,10 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     source = f"{str(cfg.checkpoint)!r}"
     test_set = seeded_subset(build_eval_dataset(cfg, data_cfg, ecfg.split), ecfg.num_images)
     loader = DataLoader(test_set, batch_size=ecfg.batch_size, num_workers=ecfg.num_workers)
+    generate = list(ecfg.get("generate") or [])
     wants_probe = {"nearest_subspace", "linear_probe"} & set(ecfg.metrics)
     probe = None
-    if wants_probe:
+    if wants_probe or generate:
         probe_set = seeded_subset(build_eval_dataset(cfg, data_cfg, "train"), ecfg.probe_images)
         probe = DataLoader(probe_set, batch_size=ecfg.batch_size, num_workers=ecfg.num_workers)
     initial = initial_models(train_config, source) if "dictionary" in ecfg.metrics else None
@@ -183,6 +228,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
         progress=ecfg.progress is not False,
         initial_encoder=initial_encoder,
     )
+    if generate:
+        result.metrics.update(write_generations(model, probe, loader, ecfg, device, output_dir))
     metrics = {
         "checkpoint": str(cfg.checkpoint),
         "dataset": data_cfg.name,

@@ -535,10 +535,19 @@ def nearest_subspace_accuracy(
     Returns:
         Accuracy in ``[0, 1]``.
     """
+    yte = _labels_1d(test_y, "test_y", test_Z.shape[0])
+    pred = nearest_subspace_predict(train_Z, train_y, test_Z, n_components)
+    return float((pred == yte).double().mean())
+
+
+def nearest_subspace_predict(
+    train_Z: Tensor, train_y: Tensor, Z: Tensor, n_components: int
+) -> Tensor:
+    """The class of each row of ``Z`` ``(m, d)`` by nearest subspace (see
+    :func:`nearest_subspace_accuracy`): ``(m,)`` labels taken from ``train_y``."""
     tr = train_Z.detach().cpu().double().flatten(1)
-    te = test_Z.detach().cpu().double().flatten(1)
+    te = Z.detach().cpu().double().flatten(1)
     ytr = _labels_1d(train_y, "train_y", tr.shape[0])
-    yte = _labels_1d(test_y, "test_y", te.shape[0])
     if tr.shape[1] != te.shape[1]:
         raise ValueError(f"feature dims differ: train {tr.shape[1]}, test {te.shape[1]}")
     if not 1 <= n_components <= tr.shape[1]:
@@ -550,8 +559,7 @@ def nearest_subspace_accuracy(
         _, _, vh = torch.linalg.svd(tr[ytr == c], full_matrices=False)
         u = vh[:n_components].T  # (d, r)
         residuals[:, k] = sq_norm - (te @ u).pow(2).sum(dim=1)
-    pred = classes[residuals.argmin(dim=1)]
-    return float((pred == yte).double().mean())
+    return classes[residuals.argmin(dim=1)]
 
 
 def linear_probe_accuracy(

@@ -30,6 +30,7 @@ __all__ = [
     "plot_densities",
     "plot_dictionary",
     "plot_feature_subspaces",
+    "labelled_rows",
     "reconstruction_grid",
     "save_image_grid",
 ]
@@ -98,6 +99,31 @@ def save_image_grid(
     p = _prepare(path)
     Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(p, format="PNG")
     return p
+
+
+def labelled_rows(
+    rows: Tensor, labels: Sequence[str], path: PathLike, title: str | None = None
+) -> Path:
+    """Save ``(R, K, C, H, W)`` images as ``R`` rows of ``K``, each row named by ``labels[r]``
+    on its left (e.g. a class, a class and direction, or a pair)."""
+    if rows.dim() != 5 or rows.shape[2] not in (1, 3) or len(labels) != rows.shape[0]:
+        raise ValueError(
+            f"labelled_rows: expected (R, K, 1|3, H, W) and R labels, got "
+            f"{tuple(rows.shape)} and {len(labels)} labels"
+        )
+    r, k, c, h, w = rows.shape
+    grid = _grid(((rows.flatten(0, 1).float().cpu() + 1) / 2).clamp(0, 1), k, 2, 1.0)
+    scale = max(1.0, 64 / h)  # at least 64 px per image on the page
+    fig = Figure(figsize=(1.2 + k * w * scale / 100, 0.3 + r * h * scale / 100))
+    ax = fig.add_axes((1.2 / fig.get_figwidth(), 0, 1 - 1.2 / fig.get_figwidth(), 1))
+    ax.imshow(_to_hwc(grid), cmap="gray" if c == 1 else None, vmin=0, vmax=1,
+              interpolation="nearest")  # fmt: skip
+    ax.set_yticks([2 + (h + 2) * i + h / 2 for i in range(r)], list(labels), fontsize=8)
+    ax.set_xticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+        fig.set_figheight(fig.get_figheight() + 0.3)
+    return _save(fig, path)
 
 
 def reconstruction_grid(
