@@ -47,7 +47,7 @@ EXTRA = [
 ]
 BATCH = 2
 # The autoencoder baselines' encoder; every other config is a CTRL pair (features on the sphere).
-AUTOENCODER_ENCODERS = ("ctrl_csc.models.ConvEncoder",)
+AUTOENCODER_ENCODERS = ("ctrl_csc.models.ConvEncoder", "ctrl_csc.models.ConvVAEEncoder")
 
 
 def _int(s: str) -> int:
@@ -97,7 +97,10 @@ def run(request):
     x = torch.rand(BATCH, c, s, s) * 2 - 1
     z, enc_codes = enc.forward_with_codes(x)
     xh, dec_codes = dec.forward_with_codes(z)
-    (z * torch.randn_like(z)).sum().add((xh * torch.randn_like(xh)).sum()).backward()
+    loss = (z * torch.randn_like(z)).sum().add((xh * torch.randn_like(xh)).sum())
+    if hasattr(enc, "log_variance"):  # the VAE's second head, used by its training step only
+        loss = loss + (enc(x, with_log_variance=True)[1] * torch.randn_like(z)).sum()
+    loss.backward()
     return {
         "name": name, "channels": c, "size": s, "cfg": cfg, "enc": enc, "dec": dec,
         "x": x, "z": z.detach(), "xh": xh.detach(),

@@ -14,7 +14,7 @@ from ctrl_csc.engine.distributed import (
 )
 from ctrl_csc.engine.game import Game, NonFiniteObjectiveError, build_optimizers
 from ctrl_csc.engine.loggers import ConsoleLogger, JSONLinesLogger, WandbLogger
-from ctrl_csc.engine.steps import CTRLStep, ReconstructionStep
+from ctrl_csc.engine.steps import CTRLStep, ReconstructionStep, VAEStep
 from ctrl_csc.engine.trainer import Trainer, build_loader
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "JSONLinesLogger",
     "NonFiniteObjectiveError",
     "ReconstructionStep",
+    "VAEStep",
     "ResumableSampler",
     "Trainer",
     "WandbLogger",

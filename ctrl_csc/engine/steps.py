@@ -26,6 +26,7 @@ __all__ = [
     "TrainStep",
     "CTRLStep",
     "ReconstructionStep",
+    "VAEStep",
     "frozen",
     "frozen_state",
     "frozen_statistics",
@@ -209,5 +210,41 @@ class ReconstructionStep:
         return {
             "loss/reconstruction": rec.detach(),
             "loss/code_l1": sparsity.detach(),
+            "loss/total": loss.detach(),
+        }
+
+
+class VAEStep:
+    """Trains the variational autoencoder baseline (encoder: ``forward(x, with_log_variance=True)
+    -> (μ, log σ²)``, e.g. :class:`~ctrl_csc.models.ConvVAEEncoder`).
+
+    ``loss = ℓ(g(μ + σ ε), X) + beta · KL(N(μ, σ²) ‖ N(0, I)) / (C·H·W)``, ``ε ~ N(0, I)``
+    (reparameterised), ``ℓ`` the mean squared or absolute error over pixels and the KL summed
+    over the latent's ``d`` coordinates, averaged over the batch and divided by the pixels per
+    image, so that ``beta`` weighs the two per pixel: ``KL = ½ Σ (μ² + σ² − 1 − log σ²)``.
+    """
+
+    def __init__(self, loss: str = "mse", beta: float = 1.0) -> None:
+        losses = {"mse": F.mse_loss, "l1": F.l1_loss}
+        if loss not in losses:
+            raise ValueError(f"loss.loss must be one of {sorted(losses)}, got {loss!r}")
+        if not beta >= 0:
+            raise ValueError(f"loss.beta must be >= 0, got {beta}")
+        self.loss_fn, self.beta = losses[loss], float(beta)
+
+    def __call__(self, game: Game, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        with game.autocast():
+            mean, log_var = game.encoder(x, with_log_variance=True)
+            z = mean + torch.randn_like(mean) * (0.5 * log_var).exp()
+            x_hat = game.decoder(z)
+        mean, log_var = _wide(mean), _wide(log_var)
+        rec = self.loss_fn(_wide(x_hat), x)
+        kl = 0.5 * (mean.pow(2) + log_var.exp() - 1 - log_var).sum(1).mean()
+        loss = rec + self.beta * kl / x[0].numel()
+        game.check_finite(loss, "VAE loss")
+        game.update(("encoder", "decoder"), loss, last=True)
+        return {
+            "loss/reconstruction": rec.detach(),
+            "loss/kl": kl.detach(),
             "loss/total": loss.detach(),
         }

@@ -13,7 +13,7 @@ from ctrl_csc.nn.noise import add_noise
 
 from ._common import code_densities, count_parameters
 from .autoencoder import Autoencoder
-from .conv_ae import ConvDecoder, ConvEncoder
+from .conv_ae import ConvDecoder, ConvEncoder, ConvVAEEncoder
 from .csc import CSCDecoder, CSCEncoder
 from .dcgan import DCGANDecoder, DCGANEncoder
 from .resnet import ResNetDecoder, ResNetEncoder
@@ -26,6 +26,7 @@ __all__ = [
     "CSCStageSpec",
     "ConvDecoder",
     "ConvEncoder",
+    "ConvVAEEncoder",
     "DCGANDecoder",
     "DCGANEncoder",
     "DeconvStageSpec",

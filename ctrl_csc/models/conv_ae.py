@@ -11,6 +11,11 @@ in the training step (:class:`ctrl_csc.engine.ReconstructionStep`): with ``norma
 default) the encoder's output *is* the code ``(N, feature_dim)``, so the step adds
 ``code_l1 * code.abs().mean()`` of what ``forward`` returned. ``code_activation="relu"`` makes exact
 zeros in it.
+
+**Variational autoencoder.** :class:`ConvVAEEncoder` is :class:`ConvEncoder` with a second linear
+head for the log-variance of a diagonal Gaussian ``q(z|x) = N(μ(x), diag σ²(x))`` of the same
+dimension; ``forward`` returns the mean ``μ`` (the feature evaluation and generation use), and
+``forward(x, with_log_variance=True)`` both, for :class:`ctrl_csc.engine.VAEStep`.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from ._common import (
     make_output_activation,
 )
 
-__all__ = ["ConvEncoder", "ConvDecoder"]
+__all__ = ["ConvEncoder", "ConvDecoder", "ConvVAEEncoder"]
 
 
 def _check_channels(channels: Sequence[int], setting: str) -> list[int]:
@@ -92,6 +97,36 @@ class ConvEncoder(ImageEncoder):
     def _run(self, x: Tensor, outs: list[Tensor] | None) -> Tensor:
         h = self._run_blocks(x, outs)
         return self._finish(self.code_act(self.projection(h.flatten(1))))
+
+
+class ConvVAEEncoder(ConvEncoder):
+    """The encoder of the VAE baseline: :class:`ConvEncoder`'s blocks and mean head
+    (``projection``), and a log-variance head ``log_variance`` of the same shape.
+
+    ``forward(x)`` returns the mean ``μ`` ``(N, feature_dim)``; ``forward(x,
+    with_log_variance=True)`` returns ``(μ, log σ²)``. The features are not normalised and the
+    code is not activated (a Gaussian latent): ``normalize`` and ``code_activation`` are not
+    arguments. Other arguments as :class:`ConvEncoder`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int | Sequence[int],
+        feature_dim: int = 128,
+        channels: Sequence[int] = (64, 128, 256),
+        norm: str = "batch",
+        norm_groups: int = 8,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__(in_channels, image_size, feature_dim, channels, norm, norm_groups,
+                         activation)  # fmt: skip
+        self.log_variance = nn.Linear(self.projection.in_features, self.feature_dim)
+
+    def forward(self, x: Tensor, with_log_variance: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        h = self._run_blocks(x, None).flatten(1)
+        mean = self.projection(h)
+        return (mean, self.log_variance(h)) if with_log_variance else mean
 
 
 class ConvDecoder(ImageDecoder):

@@ -38,6 +38,7 @@ from ctrl_csc.engine.checkpoint import CheckpointError
 from ctrl_csc.models import (
     ConvDecoder,
     ConvEncoder,
+    ConvVAEEncoder,
     CSCDecoder,
     CSCEncoder,
     DCGANDecoder,
@@ -75,7 +76,9 @@ def _names(*objs: Callable) -> dict[str, Callable]:
     return out
 
 
-ENCODERS: dict[str, Callable] = _names(CSCEncoder, DCGANEncoder, ResNetEncoder, ConvEncoder)
+ENCODERS: dict[str, Callable] = _names(
+    CSCEncoder, DCGANEncoder, ResNetEncoder, ConvEncoder, ConvVAEEncoder
+)
 DECODERS: dict[str, Callable] = _names(CSCDecoder, DCGANDecoder, ResNetDecoder, ConvDecoder)
 DATASET_BUILDERS: dict[str, Callable] = _names(build_dataset)
 
