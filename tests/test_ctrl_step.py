@@ -460,3 +460,52 @@ def test_joint_batch_normalises_data_and_transcriptions_together():
     game2 = sgd_game(f2, g2)
     CTRLStep(obj, joint_batch=False)(game2, x, y)
     assert (flat(f2) - expected).norm() > 1e-3 * (expected - flat(ref_f)).norm()
+
+
+@pytest.mark.parametrize("code_beta", [2.0, [3.0, 0.0]])
+def test_code_consistency_term_is_added_to_the_decoders_quantity_only(code_beta):
+    """With ``code_beta`` the decoder descends ``decoder_total + Σ β_l mean_i ‖c_l(x_i) −
+    c_l(x̂_i)‖²/‖c_l(x_i)‖²`` (written out here from the encoder's codes); the encoder's update is
+    that of the plain game."""
+    from ctrl_csc.models import CSCDecoder, CSCEncoder
+
+    torch.manual_seed(0)
+    f = CSCEncoder(1, 8, feature_dim=D, stages=[{"out_channels": 4, "stride": 2}] * 2).double()
+    g = CSCDecoder(1, 8, feature_dim=D, stages=[{"in_channels": 4, "stride": 2}] * 2).double()
+    obj = CTRLObjective(**VARIANTS["samplewise_l2"])
+    x, y = batch()
+    x = x.double()
+    with torch.no_grad():  # first use: each model estimates its step sizes for these sizes
+        g(f(x))
+    plain_f, plain_g = copy.deepcopy(f), copy.deepcopy(g)
+    CTRLStep(obj)(sgd_game(plain_f, plain_g), x, y)
+    ref_g = copy.deepcopy(g)
+    out = CTRLStep(obj, code_beta=code_beta)(sgd_game(f, g), x, y)
+    assert torch.equal(flat(f), flat(plain_f))  # the encoder's update is the game's
+    # the reference decoder update, from the encoder as the step left it
+    weights = [code_beta] * 2 if isinstance(code_beta, float) else code_beta
+    from ctrl_csc.engine.steps import frozen_state
+
+    with frozen_state(plain_f):  # as the step runs it: no refresh of its step sizes
+        with torch.no_grad():
+            z, codes = plain_f.forward_with_codes(x)
+        z_hat, codes_hat = plain_f.forward_with_codes(ref_g(z))
+    term = sum(
+        w * ((c - ch).pow(2).sum((1, 2, 3)) / c.pow(2).sum((1, 2, 3))).mean()
+        for w, c, ch in zip(weights, codes, codes_hat, strict=True)
+    )
+    total = obj(z, z_hat).decoder_total + term
+    grads = torch.autograd.grad(total, list(ref_g.parameters()))
+    expected = flat(ref_g) - LR_G * torch.cat([gr.flatten() for gr in grads])
+    torch.testing.assert_close(flat(g), expected, rtol=1e-9, atol=1e-12)
+    assert out["objective/code_distance"] == pytest.approx(float(term), rel=1e-9)
+
+
+def test_code_beta_is_checked():
+    obj = CTRLObjective("samplewise")
+    for bad in (-1.0, [1.0, -0.5], [], "1", True):
+        with pytest.raises(ValueError, match="loss.code_beta must be a number >= 0"):
+            CTRLStep(obj, code_beta=bad)
+    step = CTRLStep(obj, code_beta=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="has 3 weights but the encoder has 2 stages"):
+        step.code_distance([torch.ones(2, 3)] * 2, [torch.zeros(2, 3)] * 2)

@@ -8,7 +8,7 @@ steps of the same loop.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol
 
@@ -125,6 +125,15 @@ class CTRLStep:
         noise_std: standard deviation of Gaussian noise added to the encoder's input ``X`` (the
             denoising option); 0 disables it.
         joint_batch: encode ``[X; X̂]`` in one pass (see above).
+        code_beta: weight of a sample-wise consistency of the encoder's *stage codes* in what the
+            decoder minimises (0: none, the game of docs/design.md §8): ``Σ_l β_l · mean_i
+            ‖c_l(x_i) − c_l(x̂_i)‖² / ‖c_l(x_i)‖²``, with ``c_l`` stage ``l``'s code of
+            ``forward_with_codes`` (``None`` entries, stages whose output is not a code, are
+            skipped). A number weighs every stage, a list one weight per stage. The encoder's
+            objective is unchanged. On photos, ``[30, 0, 0]`` (the first stage only) removed
+            most of the colour speckle (experiments/notes/photos.md §7); the first stage's code
+            is near-linear in the image on its support, so this term is closer to a pixel loss
+            than the feature term is: results with it are reported as such.
     """
 
     def __init__(
@@ -133,6 +142,7 @@ class CTRLStep:
         encoder_steps: int = 1,
         noise_std: float = 0.0,
         joint_batch: bool = False,
+        code_beta: float | Sequence[float] = 0.0,
     ) -> None:
         if encoder_steps < 1:
             raise ValueError(f"loss.encoder_steps must be >= 1, got {encoder_steps}")
@@ -140,6 +150,17 @@ class CTRLStep:
             raise ValueError(f"loss.noise_std must be >= 0, got {noise_std}")
         self.objective, self.encoder_steps, self.noise_std = objective, encoder_steps, noise_std
         self.joint_batch = bool(joint_batch)
+        weights = [code_beta] if isinstance(code_beta, int | float) else list(code_beta)
+        if not weights or any(
+            isinstance(w, bool) or not isinstance(w, int | float) or not w >= 0 for w in weights
+        ):
+            raise ValueError(
+                f"loss.code_beta must be a number >= 0 or a list of them, got {code_beta!r}"
+            )
+        self.code_beta: float | list[float] = (
+            float(code_beta) if isinstance(code_beta, int | float) else [float(w) for w in weights]
+        )
+        self.uses_codes = any(w > 0 for w in weights)
 
     def _encode_pair(self, f: nn.Module, x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor):
         """``(Z, Ẑ)`` for the objective: ``(z, f(X̂))``, or both from ``f([X; X̂])``."""
@@ -147,6 +168,48 @@ class CTRLStep:
             return z, f(x_hat)
         both = f(torch.cat([x, x_hat]))
         return both[: len(x)], both[len(x) :]
+
+    def code_distance(self, codes: list, codes_hat: list) -> torch.Tensor:
+        """``Σ_l β_l · mean_i ‖c_l(x_i) − c_l(x̂_i)‖² / ‖c_l(x_i)‖²`` over the stages with a code
+        (see ``code_beta``)."""
+        if isinstance(self.code_beta, float):
+            weights = [self.code_beta] * len(codes)
+        elif len(self.code_beta) != len(codes):
+            raise ValueError(
+                f"loss.code_beta has {len(self.code_beta)} weights but the encoder has "
+                f"{len(codes)} stages; give one per stage or a single number"
+            )
+        else:
+            weights = self.code_beta
+        total = torch.zeros((), dtype=torch.float64 if codes[0].dtype == torch.float64 else None)
+        for w, c, ch in zip(weights, codes, codes_hat, strict=True):
+            if w == 0 or c is None:
+                continue
+            c, ch = _wide(c).flatten(1), _wide(ch).flatten(1)
+            relative = (c - ch).pow(2).sum(1) / c.pow(2).sum(1).clamp_min(1e-12)
+            total = total + w * relative.mean()
+        return total
+
+    def _decoder_pass(self, f_raw: nn.Module, g: nn.Module, x_in: torch.Tensor, game: Game):
+        """The decoder phase's forward: ``(Z, Ẑ, code term or None)``."""
+        with torch.no_grad(), game.autocast():
+            if self.uses_codes:
+                z, codes = f_raw.forward_with_codes(x_in)
+            else:
+                z, codes = f_raw(x_in), None
+        with frozen(f_raw), game.autocast():
+            x_hat = g(z)
+            if codes is None:
+                return (*self._encode_pair(f_raw, x_in, x_hat, z), None)
+            if self.joint_batch:
+                both, joint = f_raw.forward_with_codes(torch.cat([x_in, x_hat]))
+                n = len(x_in)
+                z, z_hat = both[:n], both[n:]
+                codes = [None if c is None else c[:n] for c in joint]
+                codes_hat = [None if c is None else c[n:] for c in joint]
+            else:
+                z_hat, codes_hat = f_raw.forward_with_codes(x_hat)
+        return z, z_hat, self.code_distance(codes, codes_hat)
 
     def __call__(self, game: Game, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         labels = y if self.objective.needs_labels else None
@@ -170,16 +233,17 @@ class CTRLStep:
 
         x_in = add_noise(x, self.noise_std)
         with frozen_state(f_raw):
-            with torch.no_grad(), game.autocast():
-                z = f_raw(x_in)
-            with frozen(f_raw), game.autocast():
-                x_hat = g(z)
-                z, z_hat = self._encode_pair(f_raw, x_in, x_hat, z)
+            z, z_hat, code_term = self._decoder_pass(f_raw, g, x_in, game)
         terms = self.objective(_wide(z), _wide(z_hat), labels)
-        game.check_finite(terms.decoder_total, "decoder objective")
+        loss = terms.decoder_total
+        out = {f"objective/{k}": v for k, v in terms.as_dict().items()}
+        if code_term is not None:
+            loss = loss + code_term
+            out["objective/code_distance"] = code_term.detach()
+        game.check_finite(loss, "decoder objective")
         # the decoder minimises its quantity; the step's last update (nothing to roll back after)
-        game.update(("decoder",), terms.decoder_total, last=True)
-        return {f"objective/{k}": v for k, v in terms.as_dict().items()}
+        game.update(("decoder",), loss, last=True)
+        return out
 
 
 class ReconstructionStep:
