@@ -124,15 +124,22 @@ def test_report_of_an_identity_autoencoder(sphere):
     assert report.interpolations.shape == (8, 4, D, 1, 1) and len(report.pair_labels) == 8
 
 
-def test_the_eval_command_writes_each_picture_and_the_measures(tmp_path):
+def test_the_eval_command_writes_each_picture_and_the_measures(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
 
     from ctrl_csc.cli import evaluate as eval_cli
     from ctrl_csc.cli.common import config_dir
+    from ctrl_csc.eval import NetworkFeatureExtractor, compute_fid
 
+    torch.manual_seed(0)
+    stand_in = NetworkFeatureExtractor(nn.Conv2d(1, 4, 8, 8), nn.Linear(64, 5))  # not Inception
+    from ctrl_csc.eval import runner
+
+    for module in (eval_cli, runner):
+        monkeypatch.setattr(module, "build_inception_feature_extractor", lambda w: stand_in)
     over = [
         "checkpoint=quickstart", "eval.generate=[samples,traversals,interpolations]",
-        "eval.metrics=[psnr]", "eval.num_images=200", "eval.probe_images=500",
+        "eval.metrics=[psnr,fid,is]", "eval.num_images=200", "eval.probe_images=500",
         "eval.generate_per_class=3", "eval.generate_directions=2", "eval.generate_steps=5",
     ]  # fmt: skip
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -142,6 +149,9 @@ def test_the_eval_command_writes_each_picture_and_the_measures(tmp_path):
         assert (tmp_path / f"{name}.png").stat().st_size > 0, name
     assert metrics["consistency/samples"] >= 0.8  # the quickstart's digits (1.0 measured)
     assert metrics["consistency/random"] <= 0.3  # ten classes: chance is 0.1
+    assert metrics["fid/samples"] > 0 and metrics["is/samples"] >= 1.0
+    assert metrics["fid/samples"] != pytest.approx(metrics["fid"])  # not the reconstructions'
+    assert compute_fid(torch.zeros(4, 1, 32, 32), torch.zeros(4, 1, 32, 32), stand_in) < 1e-6
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         bad = compose("eval", overrides=["eval.generate=[sample]"])
     with pytest.raises(ValueError, match=r"eval.generate: unknown \['sample'\]"):

@@ -37,6 +37,9 @@ from ctrl_csc.cli.common import (
 from ctrl_csc.engine.checkpoint import rng_state, set_rng_state
 from ctrl_csc.engine.distributed import resolve_device
 from ctrl_csc.eval import (
+    build_inception_feature_extractor,
+    compute_fid,
+    compute_inception_score,
     csc_stages,
     evaluate_reconstructions,
     plot_densities,
@@ -159,13 +162,25 @@ def write_generations(model, probe, loader, ecfg, device, output_dir: Path) -> d
     """``eval.generate``: fit each class's features on the training images (``probe``), decode
     samples, traversals and interpolations of held-out pairs (``loader``), write one labelled
     PNG each; return the class-consistency measures (:mod:`ctrl_csc.eval.generate`)."""
-    z_train, y_train, _ = encode_loader(model.encoder, probe, device, ecfg.probe_images)
-    _, y_test, x_test = encode_loader(model.encoder, loader, device, ecfg.num_images, True)
+    progress = ecfg.progress is not False
+    z_train, y_train, _ = encode_loader(
+        model.encoder, probe, device, ecfg.probe_images, progress=progress
+    )
+    _, y_test, x_test = encode_loader(
+        model.encoder, loader, device, ecfg.num_images, keep_images=True, progress=progress
+    )
     report = generation_report(
         model.encoder, model.decoder, z_train, y_train, x_test, y_test,
         n_components=ecfg.generate_components, per_class=ecfg.generate_per_class,
         directions=ecfg.generate_directions, steps=ecfg.generate_steps, device=device,
     )  # fmt: skip
+    if {"fid", "is"} & set(ecfg.metrics):  # of the samples, against the held-out images
+        fe = build_inception_feature_extractor(ecfg.inception_weights).to(device).eval()
+        pool = report.sample_pool.to(device)
+        if "fid" in ecfg.metrics:
+            report.metrics["fid/samples"] = compute_fid(x_test.to(device), pool, fe)
+        if "is" in ecfg.metrics:
+            report.metrics["is/samples"] = compute_inception_score(pool, fe)[0]
     names = getattr(probe.dataset, "classes", None)
 
     def name(label: int) -> str:

@@ -153,15 +153,21 @@ def _encode(encoder: nn.Module, x: Tensor, device, batch_size: int = 256) -> Ten
 
 @torch.no_grad()
 def encode_loader(
-    encoder: nn.Module, loader, device, num_images: int | None = None, keep_images: bool = False
+    encoder: nn.Module,
+    loader,
+    device,
+    num_images: int | None = None,
+    keep_images: bool = False,
+    progress: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(features (n, d) float64, labels (n,) or None, images or None)`` of the first
-    ``num_images`` of ``loader`` (images in ``[-1, 1]`` on the CPU when ``keep_images``)."""
-    from ctrl_csc.eval.runner import _split_batch
+    ``num_images`` of ``loader`` (images in ``[-1, 1]`` on the CPU when ``keep_images``; a
+    progress bar on a terminal with ``progress``)."""
+    from ctrl_csc.eval.runner import _loader_len, _progress, _split_batch
 
     feats, labels, images = [], [], []
     seen = 0
-    for batch in loader:
+    for batch in _progress(loader, progress, "encode", _loader_len(loader)):
         x, y = _split_batch(batch)
         if num_images is not None:
             x = x[: num_images - seen]
@@ -211,6 +217,7 @@ class GenerationReport:
     interpolations: Tensor
     models: list[ClassModel]
     pair_labels: list[tuple[int, int]] | None = None
+    sample_pool: Tensor | None = None  # every decoded sample (at least 64 per class), for FID/IS
 
 
 def generation_report(
@@ -275,5 +282,5 @@ def generation_report(
         y_t = test_labels.cpu().long()[order]
         pair_labels = list(zip(y_t[:n].tolist(), y_t[n:].tolist(), strict=True))
     return GenerationReport(
-        metrics, x_s[keep], y_s[keep], traversals, interpolations, models, pair_labels
+        metrics, x_s[keep], y_s[keep], traversals, interpolations, models, pair_labels, x_s
     )
