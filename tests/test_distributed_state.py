@@ -291,9 +291,9 @@ def _check_game(tmp_path, joint_batch, device, norm_class):
                 if v.is_floating_point() and v.shape == start[k].shape:  # moved: not vacuous
                     assert not torch.equal(v, start[k].double()), f"{part}.{k} did not move"
             counts = [v for k, v in one[part].items() if k.endswith("num_batches_tracked")]
-            # per round the encoder counts f(X) and f(X̂), or the one f([X; X̂]) (the decoder
-            # phase's passes are frozen); the decoder its pass in each phase
-            per_round = {"encoder": 1 if joint_batch else 2, "decoder": 2}[part]
+            # per round the encoder counts f(X) and f(X̂), or the one f([X; X̂]), and the
+            # decoder its own phase's pass: each player's passes in the other's phase are frozen
+            per_round = {"encoder": 1 if joint_batch else 2, "decoder": 1}[part]
             assert all(int(c) == per_round * GAME_STEPS for c in counts), (part, counts)
 
 

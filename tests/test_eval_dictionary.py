@@ -244,10 +244,10 @@ def one_step_run(tmp_path_factory):
     started = {}
 
     class Recording(train_cli.Trainer):
-        def fit(self, resume=None):
+        def fit(self, resume=None, resume_state=None):
             started["encoder"] = copy.deepcopy(self.encoder.state_dict())
             started["decoder"] = copy.deepcopy(self.decoder.state_dict())
-            return super().fit(resume)
+            return super().fit(resume, resume_state)
 
     mp = pytest.MonkeyPatch()
     mp.setattr(train_cli, "Trainer", Recording)

@@ -246,6 +246,14 @@ class CTRLStep:
         return out
 
 
+def _pixel_loss(name: str):
+    """``F.mse_loss`` or ``F.l1_loss`` by the setting ``loss.loss``."""
+    losses = {"mse": F.mse_loss, "l1": F.l1_loss}
+    if name not in losses:
+        raise ValueError(f"loss.loss must be one of {sorted(losses)}, got {name!r}")
+    return losses[name]
+
+
 class ReconstructionStep:
     """Trains encoder and decoder together on a pixel loss (the autoencoder baselines).
 
@@ -255,12 +263,9 @@ class ReconstructionStep:
     """
 
     def __init__(self, loss: str = "mse", code_l1: float = 0.0, noise_std: float = 0.0) -> None:
-        losses = {"mse": F.mse_loss, "l1": F.l1_loss}
-        if loss not in losses:
-            raise ValueError(f"loss.loss must be one of {sorted(losses)}, got {loss!r}")
         if code_l1 < 0 or noise_std < 0:
             raise ValueError("loss.code_l1 and loss.noise_std must be >= 0")
-        self.loss_fn, self.code_l1, self.noise_std = losses[loss], code_l1, noise_std
+        self.loss_fn, self.code_l1, self.noise_std = _pixel_loss(loss), code_l1, noise_std
 
     def __call__(self, game: Game, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         with game.autocast():
@@ -289,12 +294,9 @@ class VAEStep:
     """
 
     def __init__(self, loss: str = "mse", beta: float = 1.0) -> None:
-        losses = {"mse": F.mse_loss, "l1": F.l1_loss}
-        if loss not in losses:
-            raise ValueError(f"loss.loss must be one of {sorted(losses)}, got {loss!r}")
         if not beta >= 0:
             raise ValueError(f"loss.beta must be >= 0, got {beta}")
-        self.loss_fn, self.beta = losses[loss], float(beta)
+        self.loss_fn, self.beta = _pixel_loss(loss), float(beta)
 
     def __call__(self, game: Game, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         with game.autocast():
