@@ -181,7 +181,8 @@ def write_generations(model, probe, loader, ecfg, device, output_dir: Path) -> d
             report.metrics["fid/samples"] = compute_fid(x_test.to(device), pool, fe)
         if "is" in ecfg.metrics:
             report.metrics["is/samples"] = compute_inception_score(pool, fe)[0]
-    names = getattr(probe.dataset, "classes", None)
+    data = getattr(probe.dataset, "dataset", probe.dataset)  # through seeded_subset's Subset
+    names = getattr(data, "classes", None)
 
     def name(label: int) -> str:
         return str(names[label]) if names is not None and 0 <= label < len(names) else str(label)
@@ -207,8 +208,9 @@ def write_generations(model, probe, loader, ecfg, device, output_dir: Path) -> d
             if pairs is not None
             else [f"pair {i + 1}" for i in range(len(report.interpolations))]
         )
+        along = "the sphere" if getattr(model.encoder, "normalize", False) else "the chord"
         labelled_rows(report.interpolations, labels, output_dir / "interpolations.png",
-                      "interpolations between held-out images (on the sphere)")  # fmt: skip
+                      f"interpolations between held-out images (along {along})")  # fmt: skip
     return report.metrics
 
 
