@@ -6,6 +6,7 @@ The bare command runs the quickstart (CSC-CTRL on the embedded ``mnist5k`` set, 
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -131,6 +132,7 @@ def run(
     ctx = setup_distributed(tcfg.device)
     if tcfg.get("threads"):
         torch.set_num_threads(tcfg.threads)
+    trainer = None
     try:
         output_dir = check_writable(agree_on_run_dir(output_dir, ctx))  # rank 0's
         seed_all(cfg.seed)
@@ -226,11 +228,18 @@ def run(
         wants_requeue = tcfg.get("handle_signals", True) and tcfg.get("requeue", True)
         restore = submitit_requeues_on_every_signal() if wants_requeue else (lambda: None)
         try:
-            return trainer.fit(resume=resume, resume_state=state)
+            metrics = trainer.fit(resume=resume, resume_state=state)
+            if ctx.distributed:  # no rank takes the group down while another still uses it
+                torch.distributed.barrier()
+            return metrics
         finally:
             restore()
             trainer.close()
     finally:
+        # the DDP-wrapped players go before their process group: gloo's threads that outlive it
+        # aborted a rank at exit now and then ("terminate called without an active exception")
+        trainer = None
+        gc.collect()
         teardown_distributed()
 
 
