@@ -47,7 +47,7 @@ from ctrl_csc.eval import (
     plot_feature_subspaces,
     reconstruction_grid,
 )
-from ctrl_csc.eval.generate import encode_loader, generation_report
+from ctrl_csc.eval.generate import collect_images, encode_loader, generation_report
 from ctrl_csc.eval.visualize import labelled_rows
 from ctrl_csc.pretrained import load_pretrained
 from ctrl_csc.pretrained.guard import DATASET_BUILDERS, checked_entry, plain_config
@@ -163,12 +163,8 @@ def write_generations(model, probe, loader, ecfg, device, output_dir: Path) -> d
     samples, traversals and interpolations of held-out pairs (``loader``), write one labelled
     PNG each; return the class-consistency measures (:mod:`ctrl_csc.eval.generate`)."""
     progress = ecfg.progress is not False
-    z_train, y_train, _ = encode_loader(
-        model.encoder, probe, device, ecfg.probe_images, progress=progress
-    )
-    _, y_test, x_test = encode_loader(
-        model.encoder, loader, device, ecfg.num_images, keep_images=True, progress=progress
-    )
+    z_train, y_train = encode_loader(model.encoder, probe, device, ecfg.probe_images, progress)
+    x_test, y_test = collect_images(loader, ecfg.num_images)  # generation_report encodes them
     report = generation_report(
         model.encoder, model.decoder, z_train, y_train, x_test, y_test,
         n_components=ecfg.generate_components, per_class=ecfg.generate_per_class,

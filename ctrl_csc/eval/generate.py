@@ -35,6 +35,7 @@ from ctrl_csc.eval.metrics import nearest_subspace_predict
 
 __all__ = [
     "ClassModel",
+    "collect_images",
     "encode_loader",
     "GenerationReport",
     "class_consistency",
@@ -151,38 +152,51 @@ def _encode(encoder: nn.Module, x: Tensor, device, batch_size: int = 256) -> Ten
     return torch.cat(out)
 
 
-@torch.no_grad()
-def encode_loader(
-    encoder: nn.Module,
-    loader,
-    device,
-    num_images: int | None = None,
-    keep_images: bool = False,
-    progress: bool = False,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``(features (n, d) float64, labels (n,) or None, images or None)`` of the first
-    ``num_images`` of ``loader`` (images in ``[-1, 1]`` on the CPU when ``keep_images``; a
-    progress bar on a terminal with ``progress``)."""
+def _first_images(loader, num_images: int | None, progress: bool = False, desc: str = "read"):
+    """``(images, labels or None)`` batches of ``loader`` up to ``num_images`` in all."""
     from ctrl_csc.eval.runner import _loader_len, _progress, _split_batch
 
-    feats, labels, images = [], [], []
     seen = 0
-    for batch in _progress(loader, progress, "encode", _loader_len(loader)):
+    for batch in _progress(loader, progress, desc, _loader_len(loader)):
         x, y = _split_batch(batch)
         if num_images is not None:
             x = x[: num_images - seen]
             y = None if y is None else y[: num_images - seen]
-        feats.append(_encode(encoder, x, device))
-        labels.append(None if y is None else y.cpu().long())
-        if keep_images:
-            images.append(x.float().cpu())
+        if len(x) == 0:
+            break
+        yield x, y
         seen += len(x)
         if num_images is not None and seen >= num_images:
             break
-    if not feats:
-        raise ValueError("the loader yielded no images to encode")
-    y_all = None if any(t is None for t in labels) else torch.cat(labels)
-    return torch.cat(feats), y_all, torch.cat(images) if keep_images else None
+
+
+def _joined(parts: list[Tensor], labels: list[Tensor | None]) -> tuple[Tensor, Tensor | None]:
+    if not parts:
+        raise ValueError("the loader yielded no images")
+    y = None if any(t is None for t in labels) else torch.cat([t.cpu().long() for t in labels])
+    return torch.cat(parts), y
+
+
+@torch.no_grad()
+def encode_loader(
+    encoder: nn.Module, loader, device, num_images: int | None = None, progress: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """``(features (n, d) float64, labels (n,) or None)`` of the first ``num_images`` of
+    ``loader``, streamed (a progress bar on a terminal with ``progress``)."""
+    feats, labels = [], []
+    for x, y in _first_images(loader, num_images, progress, "encode"):
+        feats.append(_encode(encoder, x, device))
+        labels.append(y)
+    return _joined(feats, labels)
+
+
+def collect_images(loader, num_images: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """``(images (n, C, H, W) on the CPU, labels (n,) or None)``: the first ``num_images``."""
+    images, labels = [], []
+    for x, y in _first_images(loader, num_images):
+        images.append(x.float().cpu())
+        labels.append(y)
+    return _joined(images, labels)
 
 
 def class_consistency(
