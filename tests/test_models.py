@@ -377,6 +377,28 @@ def test_sparse_autoencoder_exposes_its_code():
     torch.testing.assert_close(zn, torch.nn.functional.normalize(enc_n(x), dim=1))
 
 
+def test_top_k_fraction_keeps_the_largest_entries_of_each_image():
+    from ctrl_csc.models.conv_ae import TopKFraction
+
+    torch.manual_seed(0)
+    h = torch.randn(4, 3, 5, 5, requires_grad=True)
+    out = TopKFraction(0.2)(h)
+    k = 15  # ⌈0.2 · 75⌉
+    for hi, oi in zip(h.detach(), out.detach(), strict=True):
+        kept = hi.flatten().sort(descending=True).values[:k]
+        torch.testing.assert_close(oi.flatten().sort(descending=True).values[:k], kept)
+        assert int((oi != 0).sum()) == k
+        assert (oi[oi != 0] >= hi.flatten().kthvalue(75 - k + 1).values).all()
+    out.sum().backward()
+    torch.testing.assert_close(h.grad, (out != 0).float())  # gradient on the kept entries only
+    assert TopKFraction(1.0)(h) is h
+    with pytest.raises(ValueError, match="stage_density"):
+        TopKFraction(0.0)
+    enc = ConvEncoder(3, 16, channels=(8, 8), code_activation="relu", stage_density=0.25)
+    _, codes = enc.forward_with_codes(torch.randn(6, 3, 16, 16))
+    assert all(float((c != 0).float().mean()) <= 0.25 for c in codes)
+
+
 def test_add_noise_and_autoencoder():
     x = torch.zeros(4, 1, 8, 8)
     assert add_noise(x, 0.0) is x

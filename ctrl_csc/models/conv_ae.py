@@ -10,7 +10,8 @@ optional projection onto the unit sphere (off by default: an autoencoder's code 
 in the training step (:class:`ctrl_csc.engine.ReconstructionStep`): with ``normalize=False`` (the
 default) the encoder's output *is* the code ``(N, feature_dim)``, so the step adds
 ``code_l1 * code.abs().mean()`` of what ``forward`` returned. ``code_activation="relu"`` makes exact
-zeros in it.
+zeros in it. ``stage_density`` keeps each block's largest outputs only (:class:`TopKFraction`), so
+that the block codes are as sparse as a CSC stage's (the ``sparse_ae_*`` configs: 0.2).
 
 **Variational autoencoder.** :class:`ConvVAEEncoder` is :class:`ConvEncoder` with a second linear
 head for the log-variance of a diagonal Gaussian ``q(z|x) = N(μ(x), diag σ²(x))`` of the same
@@ -20,8 +21,10 @@ dimension; ``forward`` returns the mean ``μ`` (the feature evaluation and gener
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ._common import (
@@ -33,7 +36,7 @@ from ._common import (
     make_output_activation,
 )
 
-__all__ = ["ConvEncoder", "ConvDecoder", "ConvVAEEncoder"]
+__all__ = ["ConvEncoder", "ConvDecoder", "ConvVAEEncoder", "TopKFraction"]
 
 
 def _check_channels(channels: Sequence[int], setting: str) -> list[int]:
@@ -41,6 +44,32 @@ def _check_channels(channels: Sequence[int], setting: str) -> list[int]:
     if not ch or min(ch) < 1:
         raise ValueError(f"{setting} must be a non-empty list of positive ints, got {channels!r}")
     return ch
+
+
+class TopKFraction(nn.Module):
+    """Keeps the ``⌈fraction · C·H·W⌉`` largest entries of each image's ``(C, H, W)`` map and sets
+    the others to zero; the gradient reaches the kept entries only (``fraction = 1``: identity)."""
+
+    def __init__(self, fraction: float) -> None:
+        super().__init__()
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, int | float)
+            or not 0 < fraction <= 1
+        ):
+            raise ValueError(f"model.encoder.stage_density must be in (0, 1], got {fraction!r}")
+        self.fraction = float(fraction)
+
+    def forward(self, h: Tensor) -> Tensor:
+        flat = h.flatten(1)
+        k = math.ceil(self.fraction * flat.shape[1])
+        if k >= flat.shape[1]:
+            return h
+        keep = torch.zeros_like(flat).scatter_(1, flat.topk(k, dim=1).indices, 1.0)
+        return (flat * keep).view_as(h)
+
+    def extra_repr(self) -> str:
+        return f"fraction={self.fraction}"
 
 
 class ConvEncoder(ImageEncoder):
@@ -56,6 +85,10 @@ class ConvEncoder(ImageEncoder):
         activation: block nonlinearity (``"relu" | "leaky_relu" | ...``).
         code_activation: nonlinearity on the code (``"none"`` or ``"relu"`` for exact zeros).
         normalize: project the code onto the unit sphere (``False``: return the code itself).
+        stage_density: ``None``, or the fraction ``ρ ∈ (0, 1]`` of each block's outputs kept per
+            image: the ``⌈ρ·C·H·W⌉`` largest, the others set to zero (:class:`TopKFraction`, the
+            k-sparse autoencoder of Makhzani & Frey, 2014). With ReLU blocks at most that fraction
+            is non-zero, so the sparse AE's block codes can be held at a CSC stage's density.
 
     Attributes:
         stages: ``nn.ModuleList`` of the blocks (their outputs are the codes of
@@ -74,9 +107,11 @@ class ConvEncoder(ImageEncoder):
         activation: str = "relu",
         code_activation: str = "none",
         normalize: bool = False,
+        stage_density: float | None = None,
     ) -> None:
         super().__init__(in_channels, image_size, feature_dim, normalize)
         ch = _check_channels(channels, "model.encoder.channels")
+        keep = [] if stage_density is None else [TopKFraction(stage_density)]
         hs = downsample_sizes(self.image_size[0], len(ch))
         ws = downsample_sizes(self.image_size[1], len(ch))
         self.stages = nn.ModuleList()
@@ -87,6 +122,7 @@ class ConvEncoder(ImageEncoder):
                     nn.Conv2d(c, c_out, 3, 2, 1),
                     make_norm(norm, c_out, norm_groups, "model.encoder.norm"),
                     make_activation(activation, setting="model.encoder.activation"),
+                    *keep,
                 )
             )
             c = c_out
