@@ -452,6 +452,41 @@ def test_encoder_without_projection_uses_its_last_code_as_the_feature():
         CSCEncoder(1, 16, stages, feature_dim=128, norm="none", projection=False)
 
 
+def test_projection_init_scale_scales_the_initial_weight_only():
+    stages = [{"out_channels": 4, "stride": 2}, {"out_channels": 8, "stride": 2}]
+    built = {}
+    for scale in (1.0, 0.1, 0.0):
+        torch.manual_seed(0)
+        built[scale] = CSCEncoder(1, 16, stages, feature_dim=8, projection_init_scale=scale)
+    ref = built[1.0].state_dict()
+    for scale, enc in built.items():
+        for name, value in enc.state_dict().items():
+            want = ref[name] * scale if name == "projection.weight" else ref[name]
+            torch.testing.assert_close(value, want, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="projection_init_scale"):
+        CSCEncoder(1, 16, stages, feature_dim=8, projection_init_scale=-1.0)
+
+
+@pytest.mark.parametrize("n_iter", [1, 2, 5, 10])
+def test_the_game_starts_with_a_blind_encoder_at_every_unroll_depth(n_iter):
+    """At the default initialisation the features of different images nearly coincide, and the
+    decoder's images have the images' features, however deep the unroll: the start the game
+    learned from (with PyTorch's projection scale, at T = 5 the mean cosine was 0.91 on digits and
+    the game failed; experiments/notes/sparse_deep.md §2)."""
+    torch.manual_seed(0)
+    spec = {"lmbda": 0.1, "n_iter": n_iter}
+    stages = [{"out_channels": c, "stride": 2} for c in (32, 64, 128)]
+    enc = CSCEncoder(1, 32, stages, stage_defaults=spec).eval()
+    dec = CSCDecoder(1, 32, [{"in_channels": c, "stride": 2} for c in (128, 64, 32)],
+                     stage_defaults=spec).eval()  # fmt: skip
+    x = (torch.rand(64, 1, 32, 32) < 0.2).float() * 2 - 1  # sparse strokes on a dark ground
+    with torch.no_grad():
+        z = enc(x)
+        cos = (z @ z.T)[~torch.eye(64, dtype=torch.bool)]
+        assert cos.mean() > 0.98, float(cos.mean())
+        assert (z - enc(dec(z))).pow(2).sum(1).mean() < 0.05
+
+
 def test_decoder_without_projection_reads_the_feature_as_its_first_code():
     """The mirror of the encoder's option: the feature, reshaped, is the first stage's input
     (after the decoder's norm and activation); no Linear."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ctrl_csc.nn.stage import code_size
@@ -137,6 +138,14 @@ class CSCEncoder(ImageEncoder):
             ``feature_dim``; ``False``: the flattened last code *is* the feature (before the
             sphere), so ``feature_dim`` must equal ``C_last·H_last·W_last`` and the encoder's
             only weights are its dictionaries (and norms).
+        projection_init_scale: the projection's initial weight is PyTorch's default times this
+            (its bias is left as it is), so that at the start every image's feature lies close
+            to the bias's direction and the decoder's first output already has the same feature:
+            the game starts where the critic cannot yet tell images apart. The image-dependent
+            part of the initial features grows with the codes' scale, and so with the unroll
+            depth ``T``; with PyTorch's scale (1) the game on digits failed at ``T = 5``, and at
+            ``T = 2`` with the bias set to zero; with 0.1 ``T = 2, 5, 10`` learn and ``T = 2``
+            gains 1 dB (experiments/notes/sparse_deep.md §2).
 
     Attributes:
         stages: ``nn.ModuleList`` of :class:`ctrl_csc.nn.CSCLayer` (the dictionaries are their
@@ -158,9 +167,16 @@ class CSCEncoder(ImageEncoder):
         normalize: bool = True,
         stage_defaults: Mapping[str, Any] | None = None,
         projection: bool = True,
+        projection_init_scale: float = 0.1,
     ) -> None:
         super().__init__(in_channels, image_size, feature_dim, normalize)
         from ctrl_csc.nn import CSCLayer
+
+        if isinstance(projection_init_scale, bool) or not projection_init_scale >= 0:
+            raise ValueError(
+                f"model.encoder.projection_init_scale must be a number >= 0, got "
+                f"{projection_init_scale!r}"
+            )
 
         stages, defaults = _stage_mappings(stages, stage_defaults)
         self.specs = parse_stages(stages, CSCStageSpec, "model.encoder.stages", defaults)
@@ -190,6 +206,8 @@ class CSCEncoder(ImageEncoder):
         flat = c * size[0] * size[1]
         if projection:
             self.projection: nn.Module = nn.Linear(flat, self.feature_dim)
+            with torch.no_grad():
+                self.projection.weight.mul_(float(projection_init_scale))
         elif flat != self.feature_dim:
             raise ValueError(
                 f"model.encoder.projection=false makes the last code ({c}x{size[0]}x{size[1]} = "
