@@ -240,6 +240,10 @@ def check_eval_settings(ecfg: Any) -> None:
         value = ecfg.get(key, 1)
         if not _is_int(value) or value < 1:
             raise ValueError(f"eval.{key} must be a positive integer, got {value!r}")
+    for key, low in (("classical_steps", 0), ("classical_images", 1)):
+        value = ecfg.get(key, low)
+        if not _is_int(value) or value < low:
+            raise ValueError(f"eval.{key} must be an integer >= {low}, got {value!r}")
     steps = ecfg.get("generate_steps", 8)
     if not _is_int(steps) or steps < 2:
         raise ValueError(f"eval.generate_steps must be an integer >= 2, got {steps!r}")

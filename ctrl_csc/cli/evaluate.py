@@ -38,6 +38,7 @@ from ctrl_csc.engine.checkpoint import rng_state, set_rng_state
 from ctrl_csc.engine.distributed import resolve_device
 from ctrl_csc.eval import (
     build_inception_feature_extractor,
+    classical_comparison,
     compute_fid,
     compute_inception_score,
     csc_stages,
@@ -210,6 +211,21 @@ def write_generations(model, probe, loader, ecfg, device, output_dir: Path) -> d
     return report.metrics
 
 
+def compare_with_classical(encoder, cfg, data_cfg, loader, ecfg, device):
+    """``eval.classical_steps > 0``: each CSC stage against a classical dictionary learned on
+    the stage's inputs from ``eval.classical_images`` training images, compared at equal density
+    on the held-out images (:func:`ctrl_csc.eval.classical.classical_comparison`)."""
+    train_set = seeded_subset(build_eval_dataset(cfg, data_cfg, "train"), ecfg.classical_images)
+    train = DataLoader(train_set, batch_size=ecfg.batch_size, num_workers=ecfg.num_workers)
+    log.info(
+        "learning a classical dictionary per CSC stage (%d steps on %d images)",
+        ecfg.classical_steps,
+        len(train_set),
+    )
+    images = lambda batches: (x.to(device, torch.float32) for x, *_ in batches)  # noqa: E731
+    return classical_comparison(encoder, images(train), images(loader), steps=ecfg.classical_steps)
+
+
 def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     output_dir = check_writable(output_dir)
     ecfg = cfg.eval
@@ -243,6 +259,12 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     )
     if generate:
         result.metrics.update(write_generations(model, probe, loader, ecfg, device, output_dir))
+    classical = None
+    if ecfg.get("classical_steps") and csc_stages(model.encoder):
+        classical_metrics, classical = compare_with_classical(
+            model.encoder, cfg, data_cfg, loader, ecfg, device
+        )
+        result.metrics.update(classical_metrics)
     metrics = {
         "checkpoint": str(cfg.checkpoint),
         "dataset": data_cfg.name,
@@ -256,7 +278,10 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
         )
         if csc_stages(model.encoder):
             plot_dictionary(
-                model.encoder, output_dir / "dictionary.png", initial_encoder=initial_encoder
+                model.encoder,
+                output_dir / "dictionary.png",
+                initial_encoder=initial_encoder,
+                classical=classical,
             )
         densities = {k: v for k, v in result.metrics.items() if k.startswith("density/")}
         if densities:

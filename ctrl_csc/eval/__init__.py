@@ -1,10 +1,17 @@
 """Evaluation: reconstruction/feature metrics, dictionary metrics, the evaluation runner and
 visualisation.
 
-See :mod:`ctrl_csc.eval.metrics`, :mod:`ctrl_csc.eval.dictionary`, :mod:`ctrl_csc.eval.runner`
+See :mod:`ctrl_csc.eval.metrics`, :mod:`ctrl_csc.eval.dictionary` (and
+:mod:`ctrl_csc.eval.classical`), :mod:`ctrl_csc.eval.runner`
 and :mod:`ctrl_csc.eval.visualize`.
 """
 
+from ctrl_csc.eval.classical import (
+    classical_comparison,
+    code_at_density,
+    learn_classical_dictionary,
+    stage_inputs,
+)
 from ctrl_csc.eval.dictionary import (
     DictionaryProbe,
     csc_stages,
@@ -70,6 +77,8 @@ __all__ = [
     "PYTORCH_FID_WEIGHTS_URL",
     "build_inception_feature_extractor",
     "class_consistency",
+    "classical_comparison",
+    "code_at_density",
     "collect_images",
     "code_density",
     "compute_fid",
@@ -78,6 +87,8 @@ __all__ = [
     "dictionary_atoms",
     "dictionary_moved",
     "dictionary_report",
+    "learn_classical_dictionary",
+    "stage_inputs",
     "encode_loader",
     "evaluate_reconstructions",
     "fid_from_features",

@@ -8,6 +8,7 @@ work headless and do not touch the backend of an interactive session. Images are
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -238,6 +239,7 @@ def plot_dictionary(
     path: PathLike,
     max_atoms: int = 64,
     initial_encoder: nn.Module | None = None,
+    classical: Mapping[int, Tensor] | None = None,
 ) -> Path:
     """Each CSC stage's dictionary atoms in pixel space, one panel per stage (see
     :func:`dictionary_atoms`; deeper stages synthesised back through the earlier ones).
@@ -246,25 +248,42 @@ def plot_dictionary(
 
     Args:
         encoder: has ``.stages``, a sequence of CSC stages (``ctrl_csc.nn.CSCLayer``).
-        initial_encoder: the same model at initialisation; given, a second row of panels shows
-            its atoms (the same atom in the same place), to see what training changed.
+        initial_encoder: the same model at initialisation; given, a row of panels shows its
+            atoms (the same atom in the same place), to see what training changed.
+        classical: ``{stage index: atoms}`` of classical dictionaries of the stages
+            (:func:`ctrl_csc.eval.classical.classical_comparison`); given, a row shows them, a
+            deeper stage's drawn through the *learned* earlier stages (whose outputs it was
+            learned on).
     """
-    rows = [("", _stages_of(encoder, "encoder"))]
+    learned = list(_stages_of(encoder, "encoder"))
+    n = len(learned)
+    rows = [("", lambda level: learned)]
     if initial_encoder is not None:
-        rows.append((", initial", _stages_of(initial_encoder, "initial_encoder")))
-        if len(rows[1][1]) != len(rows[0][1]):
+        initial = list(_stages_of(initial_encoder, "initial_encoder"))
+        if len(initial) != n:
             raise ValueError(
-                f"plot_dictionary: the initial encoder has {len(rows[1][1])} stages, the "
-                f"encoder {len(rows[0][1])}"
+                f"plot_dictionary: the initial encoder has {len(initial)} stages, the encoder {n}"
             )
-    n = len(rows[0][1])
+        rows.append((", initial", lambda level: initial))
+    if classical:
+        swapped = {}
+        for i, atoms in classical.items():
+            stage = copy.deepcopy(learned[i])
+            with torch.no_grad():
+                stage.weight.copy_(atoms.to(stage.weight))
+            swapped[i] = stage
+        rows.append((", classical", lambda level: [*learned[:level], swapped.get(level)]))
     fig = Figure(figsize=(4.0 * n, 4.4 * len(rows)))
-    for r, (tag, stages) in enumerate(rows):
+    for r, (tag, stages_at) in enumerate(rows):
         for level in range(n):
+            ax = fig.add_subplot(len(rows), n, r * n + level + 1)
+            ax.axis("off")
+            stages = stages_at(level)
+            if stages[level] is None:
+                continue
             atoms = _atoms_for_display(dictionary_atoms(stages, level, max_atoms))
             nrow = max(1, math.ceil(math.sqrt(atoms.shape[0])))
             grid = _grid(atoms, nrow, padding=1, pad_value=1.0)
-            ax = fig.add_subplot(len(rows), n, r * n + level + 1)
             img = _to_hwc(grid)
             ax.imshow(
                 img,
@@ -277,7 +296,6 @@ def plot_dictionary(
             ax.set_title(
                 f"stage {level}{tag}: {shape[0]} atoms, {shape[-2]}x{shape[-1]} px", fontsize=9
             )
-            ax.axis("off")
     fig.tight_layout()
     return _save(fig, path)
 
