@@ -214,16 +214,27 @@ def write_generations(model, probe, loader, ecfg, device, output_dir: Path) -> d
 def compare_with_classical(encoder, cfg, data_cfg, loader, ecfg, device):
     """``eval.classical_steps > 0``: each CSC stage against a classical dictionary learned on
     the stage's inputs from ``eval.classical_images`` training images, compared at equal density
-    on the held-out images (:func:`ctrl_csc.eval.classical.classical_comparison`)."""
-    train_set = seeded_subset(build_eval_dataset(cfg, data_cfg, "train"), ecfg.classical_images)
+    on as many held-out images (:func:`ctrl_csc.eval.classical.classical_comparison`)."""
+    n = ecfg.classical_images
+    train_set = seeded_subset(build_eval_dataset(cfg, data_cfg, "train"), n)
     train = DataLoader(train_set, batch_size=ecfg.batch_size, num_workers=ecfg.num_workers)
     log.info(
         "learning a classical dictionary per CSC stage (%d steps on %d images)",
         ecfg.classical_steps,
         len(train_set),
     )
-    images = lambda batches: (x.to(device, torch.float32) for x, *_ in batches)  # noqa: E731
-    return classical_comparison(encoder, images(train), images(loader), steps=ecfg.classical_steps)
+
+    def images(batches, limit):
+        seen = 0
+        for x, *_ in batches:
+            if seen >= limit:
+                return
+            yield x[: limit - seen].to(device, torch.float32)
+            seen += len(x)
+
+    return classical_comparison(
+        encoder, images(train, n), images(loader, n), steps=ecfg.classical_steps
+    )
 
 
 def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
