@@ -61,6 +61,9 @@ def images_for(config, n=8):
 
 def test_release_roundtrip_gives_the_same_model(trained, live_checkpoint, tmp_path):
     release = export_release(trained, tmp_path / "m.safetensors")
+    summary = json.loads((trained.parent.parent / "metrics.json").read_text())
+    assert read_release(release)[2] == summary  # the final evaluation travels with the weights
+    assert {"psnr", "step"} <= set(summary)
     (model_a, cfg_a), (model_b, cfg_b) = load_pretrained(trained), load_pretrained(release)
     assert cfg_a == cfg_b == load_checkpoint(trained)["config"]
     states, config, _ = read_release(release)

@@ -458,9 +458,12 @@ class Trainer:
             bar.close()
         final = self.evaluate()
         self._log(final)
+        # the final checkpoint carries the final evaluation (a release exported from it keeps
+        # its held-out PSNR), as metrics.json does
+        self.last_metrics.update({**final, "step": self.step})
         self.save("last.pt")
         if self.ctx.is_main:
-            summary = {**self.last_metrics, **final, "step": self.step}
+            summary = dict(self.last_metrics)
             (self.output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
             self._plot_curves()
         return final
