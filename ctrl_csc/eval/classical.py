@@ -29,8 +29,10 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from ctrl_csc.eval.dictionary import csc_stages
+from ctrl_csc.eval.dictionary import _residual_sq, csc_stages
+from ctrl_csc.eval.metrics import code_density
 from ctrl_csc.nn import CSCLayer
+from ctrl_csc.nn.solver import unrolled_lasso
 
 __all__ = [
     "code_at_density",
@@ -40,19 +42,16 @@ __all__ = [
 ]
 
 
-def _coder(layer: CSCLayer, weight: Tensor, lmbda: float, n_iter: int) -> CSCLayer:
-    """A converged solver with ``layer``'s geometry and sign, the atoms ``weight`` (unit norm)."""
+def _coder(layer: CSCLayer, weight: Tensor) -> CSCLayer:
+    """A layer of ``layer``'s geometry and sign holding the atoms ``weight`` (used at unit norm);
+    :func:`_solve` codes with it at any ``λ``."""
     coder = CSCLayer(
         layer.in_channels,
         layer.out_channels,
         kernel_size=layer.kernel_size,
         stride=layer.stride,
         padding=layer.padding,
-        lmbda=lmbda,
-        n_iter=n_iter,
-        algorithm="fista",
         nonnegative=layer.nonnegative,
-        lmbda_relative=True,
         normalize_atoms=True,
     ).to(weight.device)
     with torch.no_grad():
@@ -60,13 +59,16 @@ def _coder(layer: CSCLayer, weight: Tensor, lmbda: float, n_iter: int) -> CSCLay
     return coder.eval()
 
 
-def _density(z: Tensor) -> float:
-    return float((z != 0).float().mean())
-
-
-def _residual(coder: CSCLayer, u: Tensor, z: Tensor) -> float:
-    dz = coder.operator(u.shape[-2:]).apply(z)
-    return math.sqrt(float((u.double() - dz.double()).pow(2).sum() / u.double().pow(2).sum()))
+@torch.no_grad()
+def _solve(coder: CSCLayer, u: Tensor, lmbda: float, n_iter: int) -> Tensor:
+    """``n_iter`` FISTA steps for ``u`` with ``coder``'s atoms at ``λ = lmbda·λ_max`` per input
+    (the step from the coder's Lipschitz estimate, brought up to date for its current atoms)."""
+    size = u.shape[-2:]
+    coder.lipschitz(size)
+    return unrolled_lasso(
+        u, coder.operator(size), coder.solver.step_size(), lmbda, n_iter=n_iter,
+        algorithm="fista", nonnegative=coder.nonnegative, lmbda_relative=True,
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -88,21 +90,22 @@ def code_at_density(
     """
     if not 0 < density < 1:
         raise ValueError(f"code_at_density: density must be in (0, 1), got {density}")
+    coder = _coder(layer, weight)
     lo, hi = 1e-4, 1.0 - 1e-4  # density falls as λ rises
     best = None
     for _ in range(bisections):
         mid = math.sqrt(lo * hi)
-        coder = _coder(layer, weight, mid, n_iter)
-        z = coder(u)
-        d = _density(z)
-        if best is None or abs(d - density) < abs(best[3] - density):
-            best = (z, mid, coder, d)
+        z = _solve(coder, u, mid, n_iter)
+        d = code_density(z)
+        if best is None or abs(d - density) < abs(best[2] - density):
+            best = (z, mid, d)
         if d > density:
             lo = mid
         else:
             hi = mid
-    z, lam, coder, _ = best
-    return z, lam, _residual(coder, u, z)
+    z, lam, _ = best
+    residual = math.sqrt(_residual_sq(u, z, coder) / float(u.double().pow(2).sum()))
+    return z, lam, residual
 
 
 def learn_classical_dictionary(
@@ -124,27 +127,22 @@ def learn_classical_dictionary(
     moves ``λ`` by the ratio of the batch's density to ``density``.
     """
     gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(layer.weight.shape, generator=gen, dtype=torch.float32)
-    weight = nn.Parameter(weight.to(u.device))
-    optimizer = torch.optim.Adam([weight], lr=lr)
+    start = torch.randn(layer.weight.shape, generator=gen, dtype=torch.float32)
+    learner = _coder(layer, start.to(u.device))
+    optimizer = torch.optim.Adam([learner.weight], lr=lr)
     lam = 0.1
     for _ in range(steps):
         idx = torch.randint(0, u.shape[0], (min(batch_size, u.shape[0]),), generator=gen)
         batch = u[idx.to(u.device)]
-        with torch.no_grad():
-            coder = _coder(layer, weight.detach(), lam, n_iter)
-            z = coder(batch)
-        atoms = weight / weight.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        dz = coder.operator(batch.shape[-2:], dictionary=atoms).apply(z)
+        z = _solve(learner, batch, lam, n_iter)
+        dz = learner.operator(batch.shape[-2:]).apply(z)  # through the unit-norm atoms
         loss = 0.5 * (batch - dz).pow(2).sum() / batch.shape[0]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        d = max(_density(z), 1e-4)
+        d = max(code_density(z), 1e-4)
         lam = min(max(lam * (d / density) ** 0.5, 1e-4), 1 - 1e-4)
-    with torch.no_grad():
-        w = weight.detach()
-        return w / w.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return learner.dictionary().detach()
 
 
 @torch.no_grad()
@@ -203,7 +201,7 @@ def classical_comparison(
     atoms: dict[int, Tensor] = {}
     for i, (u, z) in test.items():
         layer, key = layers[i], f"dictionary/enc{i}"
-        density = min(max(_density(z), 1e-3), 1 - 1e-3)
+        density = min(max(code_density(z), 1e-3), 1 - 1e-3)
         with torch.enable_grad():
             atoms[i] = learn_classical_dictionary(layer, train[i][0], density, steps, seed=seed)
         learned = layer.dictionary().detach()
