@@ -4,6 +4,7 @@ criteria, and the smoke version runs end to end (every row, the tables, the skip
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from ctrl_csc.cli.common import config_dir
 from ctrl_csc.repro import SCALES, evaluations, rows
 from ctrl_csc.repro.report import CLAIMS, Result
 from ctrl_csc.repro.runner import shards, write_config
-from ctrl_csc.repro.suite import FAMILIES, SAME_AS, Row, eval_config, train_config
+from ctrl_csc.repro.suite import FAMILIES, FAMILY_LABELS, SAME_AS, Row, eval_config, train_config
 
 
 def test_rows_cover_every_table_and_have_unique_names():
@@ -120,6 +121,17 @@ def test_unseen_evaluation_swaps_the_dataset():
     assert set(values["dataset"]["photos"]).isdisjoint(
         train_config(row, scale)[1]["dataset"]["photos"]
     )
+    assert "generate" not in values["eval"]
+
+
+def test_only_the_reconstruction_rows_generate_on_their_test_split():
+    scale = SCALES["miniature"]
+    by_name = {r.name: r for r in rows()}
+    for e in evaluations(rows()):
+        row = by_name[e.row]
+        values = eval_config(e, row, Path("x.pt"), scale)[1]
+        wanted = e.on == "test" and row.group == "reconstruction"
+        assert values["eval"].get("generate") == (["samples"] if wanted else None), e.name
 
 
 def test_shards_balance_cost():
@@ -212,6 +224,11 @@ def test_smoke_suite_end_to_end(tmp_path):
     assert "incomplete" not in readme
     for row in suite:
         assert f"| {row.name} |" in readme
+    generation = (out / "generation.md").read_text()
+    for family in FAMILIES:  # a row of three consistency fractions per family and data kind
+        cells = re.findall(rf"\| {re.escape(FAMILY_LABELS[family])} \|([^\n]*)", generation)
+        assert len(cells) == 2, family
+        assert all(0 <= float(v) <= 1 for c in cells for v in c.split("|")[:3]), cells
     for name in ("reconstruction.md", "unseen.md", "ablations.md", "stability.md",
                  "stability.png", "csc_ctrl_mnist_dictionary.png"):  # fmt: skip
         assert (out / name).stat().st_size > 0, name

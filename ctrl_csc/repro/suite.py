@@ -28,13 +28,14 @@ from omegaconf import OmegaConf
 from ctrl_csc.cli.common import config_dir
 
 #: Model families compared in the reconstruction table, in table order.
-FAMILIES = ("csc_ctrl", "dcgan_ctrl", "conv_ae", "sparse_ae", "denoising_ae")
+FAMILIES = ("csc_ctrl", "dcgan_ctrl", "conv_ae", "sparse_ae", "denoising_ae", "vae")
 FAMILY_LABELS = {
     "csc_ctrl": "CSC-CTRL",
     "dcgan_ctrl": "CTRL, DCGAN pair",
     "conv_ae": "conv autoencoder",
     "sparse_ae": "sparse conv AE",
     "denoising_ae": "denoising conv AE",
+    "vae": "VAE (β = 1)",
 }
 DATA_KINDS = ("mnist", "photos")
 
@@ -202,6 +203,8 @@ class Scale:
         unseen: ``data -> (dataset choice, dataset values)`` of the unseen evaluation.
         eval_values: nested values of every evaluation (``eval.*``).
         unseen_metrics: the metrics of the unseen evaluations.
+        generate_values: nested values added to the reconstruction rows' test evaluations: the
+            class consistency of samples decoded from each class's fitted features (issue 23).
         step_cost: ``family -> seconds per training step`` (one CPU thread, batch 128, T = 2),
             used only to balance the local shards.
     """
@@ -211,6 +214,9 @@ class Scale:
     unseen: Mapping[str, tuple[str, dict[str, Any]]]
     eval_values: Mapping[str, Any]
     unseen_metrics: tuple[str, ...] = ("psnr", "ssim", "density")
+    generate_values: Mapping[str, Any] = field(
+        default_factory=lambda: {"eval": {"generate": ["samples"]}}
+    )
     step_cost: Mapping[str, float] = field(default_factory=dict)
 
 
@@ -224,6 +230,7 @@ _MINI_MODELS = {
     "conv_ae": ("conv_ae_mini", "reconstruction", {}),
     "sparse_ae": ("sparse_ae_mini", "sparse_reconstruction", {}),
     "denoising_ae": ("conv_ae_mini", "reconstruction", {"loss": {"noise_std": 0.1}}),
+    "vae": ("conv_vae_mini", "vae", {}),
 }
 _MINI_DATA = {
     "mnist": ("mnist5k", {}),
@@ -273,6 +280,7 @@ _FULL_EXPERIMENTS = {
     "conv_ae": "cifar10_conv_ae",
     "sparse_ae": "cifar10_sparse_ae",
     "denoising_ae": "cifar10_denoising_ae",
+    "vae": "cifar10_vae",
 }
 
 
@@ -300,6 +308,7 @@ SCALES = {
             "conv_ae": 0.28,
             "sparse_ae": 0.28,
             "denoising_ae": 0.28,
+            "vae": 0.3,
         },
     ),
     "full": Scale(
@@ -357,13 +366,16 @@ def train_config(row: Row, scale: Scale, smoke: bool = False) -> tuple[dict[str,
 def eval_config(
     evaluation: Evaluation, row: Row, checkpoint: Path, scale: Scale, smoke: bool = False
 ) -> tuple[dict[str, str], dict]:
-    """The group choices and nested values of an evaluation of ``row``'s ``checkpoint``."""
+    """The group choices and nested values of an evaluation of ``row``'s ``checkpoint`` (the
+    reconstruction rows' test evaluations also decode samples: ``scale.generate_values``)."""
     values = merge({"checkpoint": str(checkpoint)}, scale.eval_values)
     choices: dict[str, str] = {}
     if evaluation.on == "unseen":
         dataset, data_values = scale.unseen[row.data]
         choices["dataset"] = dataset
         values = merge(values, {"dataset": data_values, "eval": {"metrics": scale.unseen_metrics}})
+    elif row.group == "reconstruction":
+        values = merge(values, scale.generate_values)
     if smoke:
         values = merge(values, SMOKE_EVAL_VALUES)
     return choices, values
