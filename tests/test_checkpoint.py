@@ -2,7 +2,7 @@
 
 import re
 
-from test_engine import make_trainer
+from tiny_players import make_trainer
 
 from ctrl_csc.engine import checkpoint, load_checkpoint
 

@@ -1,7 +1,6 @@
 """Real datasets: each loader reads a tiny fake copy written in its real on-disk format."""
 
 import pickle
-import struct
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -9,11 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fake_datasets import (
+    RNG,
+    save_image_file,
+    write_celeba,
+    write_cifar10,
+    write_imagefolder,
+    write_imagenet,
+    write_lsun_export,
+    write_mnist,
+    write_stl10,
+)
 from PIL import Image
 
 from ctrl_csc.data import build_dataset
-
-RNG = np.random.default_rng(0)
 
 
 def _signed(images_hwc: np.ndarray) -> torch.Tensor:
@@ -25,111 +33,6 @@ def _signed(images_hwc: np.ndarray) -> torch.Tensor:
 def _stack(ds):
     xs, ys = zip(*(ds[i] for i in range(len(ds))))
     return torch.stack(xs), list(ys)
-
-
-def _save(path: Path, size=(40, 30), mode="RGB", fmt=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
-    Image.fromarray(RNG.integers(0, 256, shape, dtype=np.uint8), mode).save(path, format=fmt)
-
-
-# ------------------------------------------------------------------------- fake on-disk copies
-def write_mnist(root: Path, n_train=6, n_test=4):
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    out = {}
-    for split, prefix, n in (("train", "train", n_train), ("test", "t10k", n_test)):
-        images = RNG.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        labels = (np.arange(n) * 3 % 10).astype(np.uint8)
-        header = struct.pack(">IIII", 2051, n, 28, 28)
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
-            struct.pack(">II", 2049, n) + labels.tobytes()
-        )
-        out[split] = (images, labels)
-    return out
-
-
-def write_cifar10(root: Path):
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    out = {"train": ([], []), "test": ([], [])}
-    names = [(f"data_batch_{i}", "train", 2) for i in range(1, 6)] + [("test_batch", "test", 3)]
-    for name, split, n in names:
-        images = RNG.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        labels = RNG.integers(0, 10, n).tolist()
-        entry = {"batch_label": name, "labels": labels, "filenames": [f"{i}.png" for i in range(n)]}
-        entry["data"] = images.transpose(0, 3, 1, 2).reshape(n, 3072)  # R, G, B planes per row
-        with open(folder / name, "wb") as f:
-            pickle.dump(entry, f)
-        out[split][0].append(images)
-        out[split][1].extend(labels)
-    classes = ["airplane", "automobile", "bird", "cat", "deer"] + [f"c{i}" for i in range(5)]
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": classes, "num_cases_per_batch": 10000}, f)
-    return {k: (np.concatenate(v[0]), v[1]) for k, v in out.items()}
-
-
-def write_stl10(root: Path):
-    folder = root / "stl10_binary"
-    folder.mkdir(parents=True)
-    out = {}
-    for split, n in (("train", 3), ("test", 2), ("unlabeled", 4)):
-        images = RNG.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
-        # stored per image as 3 planes of 96x96 in column-major order: (C, W, H)
-        (folder / f"{split}_X.bin").write_bytes(images.transpose(0, 3, 2, 1).tobytes())
-        labels = np.arange(n) % 10
-        if split != "unlabeled":
-            (folder / f"{split}_y.bin").write_bytes((labels + 1).astype(np.uint8).tobytes())
-        out[split] = (images, labels)
-    (folder / "class_names.txt").write_text("\n".join(f"class{i}" for i in range(10)) + "\n")
-    return out
-
-
-CELEBA_PARTS = {"000001.jpg": 0, "000002.jpg": 0, "000003.jpg": 0, "000004.jpg": 1, "000005.jpg": 2}
-CELEBA_SMILING = {"000001.jpg": 1, "000002.jpg": -1, "000003.jpg": 1, "000004.jpg": 1,
-                  "000005.jpg": -1}  # fmt: skip
-
-
-def write_celeba(root: Path, kaggle=False):
-    base = root / "celeba"
-    images = base / "img_align_celeba"
-    if kaggle:
-        images = images / "img_align_celeba"
-    for name in CELEBA_PARTS:
-        _save(images / name, size=(178, 218), fmt="JPEG")
-    if kaggle:
-        rows = ["image_id,partition"] + [f"{n},{p}" for n, p in CELEBA_PARTS.items()]
-        (base / "list_eval_partition.csv").write_text("\n".join(rows) + "\n")
-        rows = ["image_id,Male,Smiling"] + [f"{n},-1,{s}" for n, s in CELEBA_SMILING.items()]
-        (base / "list_attr_celeba.csv").write_text("\n".join(rows) + "\n")
-    else:
-        rows = [f"{n} {p}" for n, p in CELEBA_PARTS.items()]
-        (base / "list_eval_partition.txt").write_text("\n".join(rows) + "\n")
-        rows = ["5", "5_o_Clock_Shadow Male Smiling "]
-        rows += [f"{n} -1 -1  {s}" for n, s in CELEBA_SMILING.items()]
-        (base / "list_attr_celeba.txt").write_text("\n".join(rows) + "\n")
-        for name in ("identity_CelebA.txt", "list_bbox_celeba.txt"):
-            (base / name).write_text("")
-
-
-def write_imagenet(root: Path):
-    for split, n in (("train", 3), ("val", 1)):
-        for wnid in ("n01440764", "n01443537"):
-            for i in range(n):
-                _save(root / split / wnid / f"{wnid}_{i}.JPEG", fmt="JPEG")
-
-
-def write_lsun_export(root: Path):
-    _save(root / "bedroom_train" / "0" / "1" / "a.jpg", size=(60, 45), fmt="JPEG")
-    _save(root / "bedroom_train" / "0" / "2" / "b.webp", size=(45, 60), fmt="WEBP")
-    _save(root / "bedroom_val" / "c.jpg", size=(50, 50), fmt="JPEG")
-
-
-def write_imagefolder(root: Path):
-    for cls in ("cats", "dogs"):
-        for i in range(2):
-            _save(root / cls / f"{i}.png")
 
 
 # ----------------------------------------------------------------------- format-exact readers
@@ -210,7 +113,7 @@ def test_imagenet_imagefolder_layout(tmp_path):
 
 def test_imagenet_unsorted_val_is_explained(tmp_path):
     write_imagenet(tmp_path)
-    _save(tmp_path / "flatval" / "ILSVRC2012_val_00000001.JPEG", fmt="JPEG")
+    save_image_file(tmp_path / "flatval" / "ILSVRC2012_val_00000001.JPEG", fmt="JPEG")
     (tmp_path / "val").rename(tmp_path / "val_sorted")
     (tmp_path / "flatval").rename(tmp_path / "val")
     with pytest.raises(FileNotFoundError, match="not sorted into class folders"):
@@ -257,11 +160,11 @@ def test_imagefolder_layouts(tmp_path):
     assert grey[0][0].shape == (1, 16, 16)
     # split folders: test falls back to val
     write_imagefolder(tmp_path / "split" / "train")
-    _save(tmp_path / "split" / "val" / "cats" / "x.png")
+    save_image_file(tmp_path / "split" / "val" / "cats" / "x.png")
     assert len(build_dataset("imagefolder", "test", root=tmp_path / "split")) == 1
     # a folder of images without class folders is one class
     for i in range(3):
-        _save(tmp_path / "flat" / f"{i}.jpg", fmt="JPEG")
+        save_image_file(tmp_path / "flat" / f"{i}.jpg", fmt="JPEG")
     flat = build_dataset("imagefolder", root=tmp_path / "flat", num_classes=1)
     assert len(flat) == 3 and flat.classes == ["flat"]
     with pytest.raises(ValueError, match="1 or 3"):

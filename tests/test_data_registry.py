@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from fake_datasets import write_cifar10
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -86,8 +87,6 @@ def test_embedded_configs_instantiate(name):
 
 
 def test_real_config_instantiates_with_root(tmp_path, monkeypatch):
-    from test_data_real import write_cifar10
-
     write_cifar10(tmp_path / "cifar10")
     monkeypatch.setenv("CTRL_CSC_DATA", str(tmp_path))
     cfg = OmegaConf.load(CONF / "cifar10.yaml")

@@ -7,7 +7,7 @@ import urllib.error
 
 import pytest
 import torch
-import torch.nn.functional as F
+from tiny_players import CodedTinyDecoder, TinyEncoder
 from torch.utils.data import DataLoader, TensorDataset
 
 from ctrl_csc.eval import metrics as M
@@ -16,33 +16,14 @@ from ctrl_csc.eval.runner import ALL_METRICS, evaluate_reconstructions
 IMG = (1, 12, 12)
 
 
-class TinyEncoder(torch.nn.Module):
-    def __init__(self, d=8):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(1, 4, 3, stride=2, padding=1)
-        self.fc = torch.nn.Linear(4 * 6 * 6, d)
-
-    def forward_with_codes(self, x):
-        code = F.relu(self.conv(x) - 0.1)
-        # second stage: no sparse code
-        return F.normalize(self.fc(code.flatten(1)), dim=1), [code, None]
-
-    def forward(self, x):
-        return self.forward_with_codes(x)[0]
+def tiny_encoder():
+    """A one-stage encoder of 12x12 images (stride 2, threshold 0.1) and a stage with no code."""
+    return TinyEncoder(size=12, stride=2, threshold=0.1, codeless_stage=True)
 
 
-class TinyDecoder(torch.nn.Module):
-    def __init__(self, d=8):
-        super().__init__()
-        self.fc = torch.nn.Linear(d, math.prod(IMG))
-
-    def forward_with_codes(self, z):
-        code = z.new_zeros(z.shape[0], 4)
-        code[:, 0] = 1.0  # one of four entries non-zero: density 0.25
-        return self(z), [code]
-
-    def forward(self, z):
-        return torch.tanh(self.fc(z)).view(-1, *IMG)
+def tiny_decoder():
+    """A decoder of 12x12 images that reports a code of density 0.25."""
+    return CodedTinyDecoder(size=12)
 
 
 class Identity(torch.nn.Module):
@@ -76,7 +57,7 @@ def test_end_to_end_all_metrics(caplog):
     x, y = labelled_data(40, 0)
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
     probe = DataLoader(TensorDataset(*labelled_data(60, 1)), batch_size=16)
-    enc, dec = TinyEncoder(), TinyDecoder()
+    enc, dec = tiny_encoder(), tiny_decoder()
     enc.train()
     dec.eval()
     with caplog.at_level(logging.WARNING):
@@ -130,7 +111,7 @@ def test_densities_over_images_mean_image_and_autocast(caplog):
     PSNR; the models run in the ``autocast`` context."""
     x, _ = labelled_data(10, 8)
     loader = DataLoader(x, batch_size=4)
-    enc, dec = TinyEncoder(), TinyDecoder()
+    enc, dec = tiny_encoder(), tiny_decoder()
     entered = []
 
     @contextlib.contextmanager
@@ -174,7 +155,7 @@ def test_identity_autoencoder_fid_zero_and_fid_matches_direct():
     assert res.metrics["ssim"] == pytest.approx(1.0, abs=1e-6)
     assert math.isinf(res.metrics["psnr"])
     # streaming FID over batches == FID of the whole sets
-    enc, dec = TinyEncoder(), TinyDecoder()
+    enc, dec = tiny_encoder(), tiny_decoder()
     res = evaluate_reconstructions(
         enc, dec, loader, metrics=("fid",), feature_extractor=fe, progress=False
     )
@@ -189,8 +170,8 @@ def test_accuracies_skipped_without_labels_or_probe(caplog):
     common = dict(metrics=("psnr", "nearest_subspace", "linear_probe"), progress=False)
     with caplog.at_level(logging.WARNING, logger="ctrl_csc.eval.runner"):
         res = evaluate_reconstructions(
-            TinyEncoder(),
-            TinyDecoder(),
+            tiny_encoder(),
+            tiny_decoder(),
             DataLoader(x, batch_size=8),
             probe_loader=DataLoader(TensorDataset(x, y)),
             **common,
@@ -200,15 +181,15 @@ def test_accuracies_skipped_without_labels_or_probe(caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ctrl_csc.eval.runner"):
         res = evaluate_reconstructions(
-            TinyEncoder(), TinyDecoder(), DataLoader(TensorDataset(x, y), batch_size=8), **common
+            tiny_encoder(), tiny_decoder(), DataLoader(TensorDataset(x, y), batch_size=8), **common
         )
     assert "nearest_subspace" not in res.metrics and "probe_loader" in caplog.text
     caplog.clear()
     one_class = DataLoader(TensorDataset(x, torch.zeros_like(y)), batch_size=8)
     with caplog.at_level(logging.WARNING, logger="ctrl_csc.eval.runner"):
         res = evaluate_reconstructions(
-            TinyEncoder(),
-            TinyDecoder(),
+            tiny_encoder(),
+            tiny_decoder(),
             DataLoader(TensorDataset(x, y), batch_size=8),
             probe_loader=one_class,
             **common,
@@ -220,8 +201,8 @@ def test_is_skipped_when_extractor_has_no_logits(caplog):
     x, _ = labelled_data(8, 4)
     with caplog.at_level(logging.WARNING, logger="ctrl_csc.eval.runner"):
         res = evaluate_reconstructions(
-            TinyEncoder(),
-            TinyDecoder(),
+            tiny_encoder(),
+            tiny_decoder(),
             DataLoader(x, batch_size=4),
             metrics=("fid", "is"),
             feature_extractor=feature_net(False),
@@ -234,9 +215,9 @@ def test_user_errors_are_clear(monkeypatch, tmp_path):
     x, _ = labelled_data(8, 5)
     loader = DataLoader(x, batch_size=4)
     with pytest.raises(ValueError, match="eval.metrics"):
-        evaluate_reconstructions(TinyEncoder(), TinyDecoder(), loader, metrics=("psnr", "lpips"))
+        evaluate_reconstructions(tiny_encoder(), tiny_decoder(), loader, metrics=("psnr", "lpips"))
     with pytest.raises(ValueError, match="eval.num_images"):
-        evaluate_reconstructions(TinyEncoder(), TinyDecoder(), loader, num_images=0)
+        evaluate_reconstructions(tiny_encoder(), tiny_decoder(), loader, num_images=0)
 
     def refuse(*args, **kwargs):
         raise urllib.error.URLError("offline")
@@ -244,14 +225,14 @@ def test_user_errors_are_clear(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
     with pytest.raises(RuntimeError, match="eval.inception_weights"):
-        evaluate_reconstructions(TinyEncoder(), TinyDecoder(), loader, metrics=("fid",))
-    small = torch.nn.Sequential(TinyDecoder(), torch.nn.Upsample(size=(10, 10)))
+        evaluate_reconstructions(tiny_encoder(), tiny_decoder(), loader, metrics=("fid",))
+    small = torch.nn.Sequential(tiny_decoder(), torch.nn.Upsample(size=(10, 10)))
     with pytest.raises(ValueError, match="does not match"):
-        evaluate_reconstructions(TinyEncoder(), small, loader, metrics=("psnr",), progress=False)
+        evaluate_reconstructions(tiny_encoder(), small, loader, metrics=("psnr",), progress=False)
     with pytest.raises(ValueError, match="dataset.image_size"):
         evaluate_reconstructions(
-            TinyEncoder(),
-            TinyDecoder(),
+            tiny_encoder(),
+            tiny_decoder(),
             DataLoader(torch.rand(4, 1, 16, 16)),
             metrics=("psnr",),
             progress=False,
@@ -267,7 +248,7 @@ def test_runner_on_cuda_matches_cpu():
     results = []
     for device in ("cpu", "cuda"):
         torch.manual_seed(0)
-        enc, dec = TinyEncoder(), TinyDecoder()
+        enc, dec = tiny_encoder(), tiny_decoder()
         res = evaluate_reconstructions(
             enc,
             dec,

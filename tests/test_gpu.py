@@ -219,12 +219,12 @@ def test_bench_gpu_smoke_runs_and_reports(tmp_path):
 def test_ctrl_game_with_sync_batch_norm_on_two_gpus_is_the_one_gpu_game(tmp_path):
     """The 2-rank = 1-process check of test_distributed_state on 2 GPUs with NCCL, where the
     batch norms become torch's SyncBatchNorm."""
-    from test_distributed_state import _check_game, _game_worker, _join
+    from distributed_workers import check_game, game_worker, join_workers
     from torchrun_helpers import free_port
 
-    _join(
+    join_workers(
         torch.multiprocessing.start_processes(
-            _game_worker,
+            game_worker,
             args=(free_port(), tmp_path, "nccl"),
             nprocs=2,
             join=False,
@@ -232,4 +232,4 @@ def test_ctrl_game_with_sync_batch_norm_on_two_gpus_is_the_one_gpu_game(tmp_path
         )
     )
     for joint_batch in (False, True):
-        _check_game(tmp_path, joint_batch, torch.device("cuda", 0), "SyncBatchNorm")
+        check_game(tmp_path, joint_batch, torch.device("cuda", 0), "SyncBatchNorm")

@@ -9,17 +9,15 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from dense_reference import F64, coordinate_descent, dense_matrix
 
 from ctrl_csc.models import CSCDecoder, CSCEncoder
 from ctrl_csc.nn import CSCLayer, SparseDeconvLayer
 from ctrl_csc.nn.saved import SavedBytes
 from ctrl_csc.nn.solver import compile_available
-
-F64 = torch.float64
 
 
 def _loss_weights(z):
@@ -110,35 +108,6 @@ def test_saved_memory_of_checkpoint_and_implicit_does_not_grow_like_unrolled():
     assert checkpoint10 < checkpoint_peak < unrolled10  # one segment at a time is replayed
 
 
-def _dense(layer, size, weight):
-    h, w = layer.code_size(size)
-    n = layer.out_channels * h * w
-    basis = torch.eye(n, dtype=F64).reshape(n, layer.out_channels, h, w)
-    return layer.operator(size, weight).apply(basis).reshape(n, -1).T.detach()
-
-
-def _coordinate_descent(m, u, lmbda, mu, nonnegative, start=None):
-    """High-accuracy elastic-net Lasso by cyclic coordinate descent (numpy, one sample), from 0
-    or a warm ``start``, to a last sweep that moves no coordinate by more than 1e-14."""
-    m, u = m.numpy(), u.numpy()
-    gram, corr = m.T @ m, m.T @ u
-    z = np.zeros(m.shape[1]) if start is None else start.numpy().copy()
-    q = gram @ z
-    for _ in range(20000):
-        biggest = 0.0
-        for i in range(len(z)):
-            r = corr[i] - q[i] + gram[i, i] * z[i]
-            new = max(r - lmbda, 0.0) if nonnegative else np.sign(r) * max(abs(r) - lmbda, 0.0)
-            new /= gram[i, i] + mu
-            if new != z[i]:
-                q += gram[:, i] * (new - z[i])
-                biggest = max(biggest, abs(new - z[i]))
-                z[i] = new
-        if biggest < 1e-14:
-            break
-    return torch.from_numpy(z)
-
-
 @pytest.mark.parametrize(
     "nonnegative, mu, relative",
     [(True, 0.0, False), (True, 0.2, True), (False, 0.0, True), (False, 0.2, False)],
@@ -164,7 +133,9 @@ def test_implicit_gradient_is_that_of_the_converged_solution(nonnegative, mu, re
     starts = [None, None]
 
     def loss(xv, wv, rv):
-        m = _dense(layer, size, F.normalize(wv.flatten(1), dim=1).view_as(wv))
+        weight = F.normalize(wv.flatten(1), dim=1).view_as(wv)
+        code_shape = (layer.out_channels, *layer.code_size(size))
+        m = dense_matrix(layer.operator(size, weight).apply, code_shape)
         total = 0.0
         for i in range(2):
             u = xv[i].reshape(-1)
@@ -172,7 +143,7 @@ def test_implicit_gradient_is_that_of_the_converged_solution(nonnegative, mu, re
             if relative:
                 corr = m.T @ u
                 lam *= float(corr.clamp_min(0).max() if nonnegative else corr.abs().max())
-            solution = _coordinate_descent(m, u, lam, mu, nonnegative, starts[i])
+            solution = coordinate_descent(m, u, lam, mu, nonnegative, starts[i], 20000, 1e-14)
             if starts[i] is None:  # the unperturbed solution: warm start for the differences
                 starts[i] = solution
                 torch.testing.assert_close(solution, z[i].detach().reshape(-1), rtol=0, atol=1e-9)

@@ -6,17 +6,9 @@ import math
 
 import pytest
 import torch
+from dense_reference import F64, dense_matrix
 
 from ctrl_csc.nn import CSCLayer, SparseDeconvLayer
-
-F64 = torch.float64
-
-
-def dense_matrix(apply, in_shape):
-    """Matrix of a linear map, built column by column from the images of the basis vectors."""
-    n = math.prod(in_shape)
-    basis = torch.eye(n, dtype=F64).reshape(n, *in_shape)
-    return apply(basis).reshape(n, -1).T
 
 
 def inner(a, b):

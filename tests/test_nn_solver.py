@@ -4,21 +4,12 @@ finite-difference gradients."""
 
 import math
 
-import numpy as np
 import pytest
 import torch
+from dense_reference import F64, coordinate_descent, dense_matrix
 from torch.func import functional_call
 
 from ctrl_csc.nn import CSCLayer, SparseDeconvLayer
-
-F64 = torch.float64
-
-
-def dense_matrix(apply, in_shape):
-    """Matrix of a linear map, built column by column from the images of the basis vectors."""
-    n = math.prod(in_shape)
-    basis = torch.eye(n, dtype=F64).reshape(n, *in_shape)
-    return apply(basis).reshape(n, -1).T.detach()
 
 
 def design_iterations(m, u, eta, lmbda, mu, n_iter, algorithm, nonnegative):
@@ -42,30 +33,6 @@ def design_iterations(m, u, eta, lmbda, mu, n_iter, algorithm, nonnegative):
         grad = (y @ m.T - u) @ m
         z_prev, z = z, prox(y - eta * grad)
     return z
-
-
-def coordinate_descent(m, u, lmbda, mu, nonnegative, sweeps=3000):
-    """High-accuracy elastic-net Lasso by cyclic coordinate descent (numpy, one sample)."""
-    m = m.numpy()
-    u = u.numpy()
-    gram = m.T @ m
-    corr = m.T @ u
-    z = np.zeros(m.shape[1])
-    q = np.zeros(m.shape[1])  # gram @ z
-    for _ in range(sweeps):
-        biggest = 0.0
-        for i in range(len(z)):
-            r = corr[i] - q[i] + gram[i, i] * z[i]
-            new = max(r - lmbda, 0.0) if nonnegative else np.sign(r) * max(abs(r) - lmbda, 0.0)
-            new /= gram[i, i] + mu
-            delta = new - z[i]
-            if delta != 0.0:
-                q += gram[:, i] * delta
-                z[i] = new
-                biggest = max(biggest, abs(delta))
-        if biggest < 1e-15:
-            break
-    return torch.from_numpy(z)
 
 
 def kkt_violation(m, u, z, lmbda, mu, nonnegative):

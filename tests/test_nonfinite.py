@@ -3,7 +3,7 @@ the step; a state with non-finite weights is never written."""
 
 import pytest
 import torch
-from test_engine import assert_same_weights, make_trainer, resumable_trainer
+from tiny_players import assert_same_weights, make_trainer, resumable_trainer
 
 from ctrl_csc.engine import CTRLStep, NonFiniteObjectiveError, load_checkpoint
 from ctrl_csc.losses import CTRLObjective

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from test_engine import make_trainer
+from tiny_players import make_trainer
 
 from ctrl_csc.cli.common import config_dir
 from ctrl_csc.cli.train import run

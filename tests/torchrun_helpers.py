@@ -1,9 +1,11 @@
 """Running ``ctrl_csc.cli.train.run`` as ranks of a local gloo group (multi-process tests)."""
 
+import datetime
 import os
 import socket
 
 import torch
+import torch.distributed as dist
 
 from ctrl_csc.cli.train import run
 
@@ -52,4 +54,17 @@ def spawn_ranks(cfg, outs, world: int = 2) -> None:
         nprocs=world,
         join=True,
         start_method="spawn",
+    )
+
+
+def init_local_group(rank: int, world: int, port: int, backend: str = "gloo") -> None:
+    """Join rank ``rank`` of a ``world``-process group on the loopback interface (one CPU thread,
+    a 60 s timeout); the caller destroys it."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
     )
