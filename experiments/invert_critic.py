@@ -1,0 +1,98 @@
+"""Does a trained CTRL encoder pin down the image? Invert it with a decoder trained against it.
+
+Loads a checkpoint or release of a sample-wise CTRL run, freezes its encoder ``f`` and trains a
+decoder ``g`` — a fresh one (``--fresh``: the run's decoder architecture at new random weights)
+or the run's own — on the game's decoder objective alone, ``ΔR(Z, Ẑ) + β·mean ‖z − ẑ‖²`` with
+``Z = f(X)``, ``Ẑ = f(g(Z))`` (the run's ε², β and distance; Adam, betas (0.5, 0.999), linear decay
+to 0, batches of 128 training images). Every ``--every`` steps: the held-out PSNR of ``g(f(x))``
+and the feature distance ``D``. If the encoder's features determined the image, a decoder that
+matches them would reconstruct it; a low PSNR at a small ``D`` says the objective's minimisers at
+this critic are not the images.
+
+    python experiments/invert_critic.py CHECKPOINT --steps 1500 --fresh --picture inv.png
+
+``--picture``: 24 held-out inputs above their inversions. experiments/notes/photos.md §12.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torchvision.utils import save_image
+
+import ctrl_csc
+from ctrl_csc.data import build_dataset
+from ctrl_csc.eval.metrics import psnr
+from ctrl_csc.losses import CTRLObjective
+from ctrl_csc.pretrained.guard import build_models
+
+
+def images(cfg: dict, split: str) -> torch.Tensor:
+    """Every image of the run's dataset split, as one tensor."""
+    data = dict(cfg["dataset"])
+    options = {}
+    if data["name"] == "natural_patches":
+        options = {k: data[k] for k in ("photos", "train_size", "test_size") if data.get(k)}
+        options["photos"] = list(options.get("photos", [])) or None
+    ds = build_dataset(data["name"], split, **options)
+    return torch.stack([ds[i][0] for i in range(len(ds))])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--fresh", action="store_true", help="a decoder at new random weights")
+    ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--picture", default=None)
+    args = ap.parse_args()
+
+    model, cfg = ctrl_csc.load_pretrained(args.checkpoint)
+    f, g = model.encoder.eval(), model.decoder
+    if args.fresh:
+        torch.manual_seed(1)
+        _, g = build_models(cfg["model"], "cpu")
+    g.train()
+    for p in f.parameters():
+        p.requires_grad_(False)
+    x_train, x_test = images(cfg, "train"), images(cfg, "test")
+    o = cfg["loss"]["objective"]
+    objective = CTRLObjective("samplewise", eps_sq=o["eps_sq"], beta=o["beta"],
+                              distance=o["distance"], encoder_beta=0.0)  # fmt: skip
+    opt = torch.optim.Adam(g.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    decay = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, args.steps)
+
+    def evaluate() -> str:
+        g.eval()
+        with torch.no_grad():
+            z = f(x_test)
+            x_hat = g(z)
+            d = (z - f(x_hat)).pow(2).sum(1).mean()
+            out = f"held-out PSNR {float(psnr(x_hat, x_test).mean()):.2f} dB  D {float(d):.4f}"
+        g.train()
+        return out
+
+    print("start", evaluate(), flush=True)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(1, args.steps + 1):
+        x = x_train[torch.randint(len(x_train), (128,), generator=gen)]
+        with torch.no_grad():
+            z = f(x)
+        loss = objective(z, f(g(z)), None).decoder_total
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        decay.step()
+        if step % args.every == 0 or step == args.steps:
+            print(step, evaluate(), flush=True)
+    if args.picture:
+        g.eval()
+        shown = x_test[:: max(1, len(x_test) // 24)][:24]
+        with torch.no_grad():
+            save_image(torch.cat([shown, g(f(shown))]) * 0.5 + 0.5, args.picture, nrow=24)
+
+
+if __name__ == "__main__":
+    main()
