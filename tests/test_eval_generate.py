@@ -156,3 +156,31 @@ def test_the_eval_command_writes_each_picture_and_the_measures(tmp_path, monkeyp
         bad = compose("eval", overrides=["eval.generate=[sample]"])
     with pytest.raises(ValueError, match=r"eval.generate: unknown \['sample'\]"):
         eval_cli.run(bad, tmp_path / "bad")
+
+
+def test_generation_fits_on_the_probe_features_without_encoding_them_again(tmp_path, monkeypatch):
+    """With a probe metric asked for, generation reuses its features: the same consistency
+    measures as generation alone, and the probe images are not encoded a second time."""
+    from hydra import compose, initialize_config_dir
+
+    from ctrl_csc.cli import evaluate as eval_cli
+    from ctrl_csc.cli.common import config_dir
+
+    over = ["checkpoint=quickstart", "eval.generate=[samples]", "eval.num_images=100",
+            "eval.probe_images=300", "eval.plots=false"]  # fmt: skip
+
+    def run(metrics, where):
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose("eval", overrides=[*over, f"eval.metrics={metrics}"])
+        return eval_cli.run(cfg, tmp_path / where)
+
+    alone = run("[psnr]", "alone")
+
+    def encoded_twice(*args, **kwargs):
+        raise AssertionError("the probe images were encoded a second time")
+
+    monkeypatch.setattr(eval_cli, "encode_loader", encoded_twice)
+    with_probe = run("[psnr,nearest_subspace]", "with_probe")
+    keys = [k for k in alone if k.startswith("consistency/")]
+    assert len(keys) == 3
+    assert {k: with_probe[k] for k in keys} == {k: alone[k] for k in keys}

@@ -124,7 +124,7 @@ def test_unseen_evaluation_swaps_the_dataset():
     assert "generate" not in values["eval"]
 
 
-def test_only_the_reconstruction_rows_generate_on_their_test_split():
+def test_only_the_reconstruction_rows_generate_and_csc_compares_with_classical_atoms():
     scale = SCALES["miniature"]
     by_name = {r.name: r for r in rows()}
     for e in evaluations(rows()):
@@ -132,6 +132,8 @@ def test_only_the_reconstruction_rows_generate_on_their_test_split():
         values = eval_config(e, row, Path("x.pt"), scale)[1]
         wanted = e.on == "test" and row.group == "reconstruction"
         assert values["eval"].get("generate") == (["samples"] if wanted else None), e.name
+        classical = values["eval"].get("classical_steps")
+        assert classical == (300 if wanted and row.family == "csc_ctrl" else None), e.name
 
 
 def test_shards_balance_cost():
@@ -182,13 +184,32 @@ def test_verdicts_follow_their_criteria():
     assert _claim("more stable")(seeds([18, 18.1, 18.2], [10, 14, 8])).startswith("**reproduced")
     assert _claim("more stable")(seeds([18, 10, 18.2], [10, 10.1, 10])).startswith("**not")
     assert _claim("more stable")(seeds([11, 11.1, 11.2], [15, 15, 15])).startswith("**not")
+    # below the DCGAN pair's spread but above the 0.5 dB bound: not shown
+    assert _claim("more stable")(seeds([17, 18, 19], [10, 14, 8])).startswith("**not")
 
-    dens = {"density/enc0": 0.2, "density/enc1": 0.3}
-    sparse = {"csc_ctrl_mnist": _result("csc_ctrl_mnist", "csc_ctrl", "reconstruction", 18,
-                                        test_extra=dens)}  # fmt: skip
+    sparse = {  # every stage of both data kinds at most 0.20 non-zero
+        f"csc_ctrl_{d}": _result(f"csc_ctrl_{d}", "csc_ctrl", "reconstruction", 18,
+                                 test_extra={"density/enc0": 0.2, "density/enc1": 0.15})
+        for d in ("mnist", "photos")
+    }  # fmt: skip
     assert _claim("sparse codes")(sparse).startswith("**reproduced**")
-    sparse["csc_ctrl_mnist"].test["density/enc1"] = 0.6
+    sparse["csc_ctrl_photos"].test["density/enc1"] = 0.25
     assert _claim("sparse codes")(sparse).startswith("**not reproduced**")
+    assert _claim("sparse codes")({"csc_ctrl_mnist": sparse["csc_ctrl_mnist"]}) == "incomplete"
+
+    def atoms(ratio):  # one stage per data kind: moved, better than at init, ratio × classical
+        stage = {"dictionary/enc0/moved": 0.3, "dictionary/enc0/residual": 0.5,
+                 "dictionary/enc0/residual_init": 0.7, "dictionary/enc0/residual_classical": 0.2,
+                 "dictionary/enc0/residual_at_density": 0.2 * ratio}  # fmt: skip
+        kinds = ("mnist", "photos")
+        return {f"csc_ctrl_{d}": _result(f"csc_ctrl_{d}", "csc_ctrl", "reconstruction", 18,
+                                         test_extra=stage) for d in kinds}  # fmt: skip
+
+    assert _claim("structured")(atoms(1.05)).startswith("**reproduced**")
+    assert _claim("structured")(atoms(1.5)).startswith("**not reproduced**")
+    no_classical = atoms(1.0)
+    del no_classical["csc_ctrl_photos"].test["dictionary/enc0/residual_classical"]
+    assert _claim("structured")(no_classical) == "incomplete"
     small = {**sparse, "csc_ctrl_mnist_batch32": _result("b", "csc_ctrl", "batch", 17.5)}
     assert _claim("trains with smaller")(small).startswith("**reproduced**")
     small["csc_ctrl_mnist_batch32"] = _result("b", "csc_ctrl", "batch", 16.0)

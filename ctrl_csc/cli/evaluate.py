@@ -159,12 +159,18 @@ def format_table(metrics: dict[str, float]) -> str:
     )
 
 
-def write_generations(model, probe, loader, ecfg, device, output_dir: Path) -> dict[str, float]:
-    """``eval.generate``: fit each class's features on the training images (``probe``), decode
+def write_generations(
+    model, probe, loader, ecfg, device, output_dir: Path, probe_features=None
+) -> dict[str, float]:
+    """``eval.generate``: fit each class's features on the training images (``probe``, or their
+    features and labels ``probe_features`` where the probes already encoded them), decode
     samples, traversals and interpolations of held-out pairs (``loader``), write one labelled
     PNG each; return the class-consistency measures (:mod:`ctrl_csc.eval.generate`)."""
-    progress = ecfg.progress is not False
-    z_train, y_train = encode_loader(model.encoder, probe, device, ecfg.probe_images, progress)
+    if probe_features is not None:
+        z_train, y_train = probe_features[0].double(), probe_features[1]
+    else:
+        progress = ecfg.progress is not False
+        z_train, y_train = encode_loader(model.encoder, probe, device, ecfg.probe_images, progress)
     x_test, y_test = collect_images(loader, ecfg.num_images)  # generation_report encodes them
     report = generation_report(
         model.encoder, model.decoder, z_train, y_train, x_test, y_test,
@@ -269,7 +275,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
         initial_encoder=initial_encoder,
     )
     if generate:
-        result.metrics.update(write_generations(model, probe, loader, ecfg, device, output_dir))
+        result.metrics.update(
+            write_generations(model, probe, loader, ecfg, device, output_dir, result.probe)
+        )
     classical = None
     if ecfg.get("classical_steps") and csc_stages(model.encoder):
         classical_metrics, classical = compare_with_classical(

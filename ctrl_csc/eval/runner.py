@@ -69,6 +69,9 @@ class EvaluationResult:
         reconstructions: their reconstructions, same shape, clamped to ``[-1, 1]``.
         features: ``(N, d)`` encoder features of all evaluated images (CPU, float32).
         labels: ``(N,)`` their labels, or ``None`` when the loader yields none.
+        probe: ``(features, labels)`` of the probe images the accuracies were fitted on (CPU,
+            float32), when they were computed: what generation fits its class models on, so the
+            probe images are encoded once.
     """
 
     metrics: dict[str, float]
@@ -76,6 +79,7 @@ class EvaluationResult:
     reconstructions: Tensor
     features: Tensor | None = None
     labels: Tensor | None = None
+    probe: tuple[Tensor, Tensor] | None = None
 
 
 def _split_batch(batch) -> tuple[Tensor, Tensor | None]:
@@ -451,6 +455,7 @@ def _feature_accuracies(
     if tr_z is None:
         log.warning("%s skipped: the probe data has no labels", ", ".join(names))
         return
+    result.probe = (tr_z, tr_y)
     tr_z, tr_y = _accuracy_inputs(tr_z, tr_y)
     te_z, te_y = _accuracy_inputs(result.features, result.labels)
     if torch.unique(tr_y).numel() < 2 or te_y.numel() == 0:

@@ -205,6 +205,9 @@ class Scale:
         unseen_metrics: the metrics of the unseen evaluations.
         generate_values: nested values added to the reconstruction rows' test evaluations: the
             class consistency of samples decoded from each class's fitted features (issue 23).
+        classical_values: nested values added to CSC-CTRL's reconstruction rows' test
+            evaluations: each stage's dictionary against a classical one learned on the same
+            stage inputs, at equal density (the "dictionaries" verdict).
         step_cost: ``family -> seconds per training step`` (one CPU thread, batch 128, T = 2),
             used only to balance the local shards.
     """
@@ -216,6 +219,9 @@ class Scale:
     unseen_metrics: tuple[str, ...] = ("psnr", "ssim", "density")
     generate_values: Mapping[str, Any] = field(
         default_factory=lambda: {"eval": {"generate": ["samples"]}}
+    )
+    classical_values: Mapping[str, Any] = field(
+        default_factory=lambda: {"eval": {"classical_steps": 300}}
     )
     step_cost: Mapping[str, float] = field(default_factory=dict)
 
@@ -336,7 +342,9 @@ SMOKE_VALUES = {
         "progress": False,
     },
 }
-SMOKE_EVAL_VALUES = {"eval": {"num_images": 64, "probe_images": 64, "batch_size": 64}}
+SMOKE_EVAL_VALUES = {
+    "eval": {"num_images": 64, "probe_images": 64, "batch_size": 64, "classical_images": 16}
+}
 
 
 def merge(*dicts: Mapping[str, Any]) -> dict[str, Any]:
@@ -367,7 +375,8 @@ def eval_config(
     evaluation: Evaluation, row: Row, checkpoint: Path, scale: Scale, smoke: bool = False
 ) -> tuple[dict[str, str], dict]:
     """The group choices and nested values of an evaluation of ``row``'s ``checkpoint`` (the
-    reconstruction rows' test evaluations also decode samples: ``scale.generate_values``)."""
+    reconstruction rows' test evaluations also decode samples, ``scale.generate_values``, and
+    CSC-CTRL's compare its dictionaries with classical ones, ``scale.classical_values``)."""
     values = merge({"checkpoint": str(checkpoint)}, scale.eval_values)
     choices: dict[str, str] = {}
     if evaluation.on == "unseen":
@@ -376,8 +385,12 @@ def eval_config(
         values = merge(values, {"dataset": data_values, "eval": {"metrics": scale.unseen_metrics}})
     elif row.group == "reconstruction":
         values = merge(values, scale.generate_values)
+        if row.family == "csc_ctrl":
+            values = merge(values, scale.classical_values)
     if smoke:
         values = merge(values, SMOKE_EVAL_VALUES)
+        if values["eval"].get("classical_steps"):
+            values["eval"]["classical_steps"] = 2
     return choices, values
 
 
