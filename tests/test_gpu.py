@@ -233,3 +233,27 @@ def test_ctrl_game_with_sync_batch_norm_on_two_gpus_is_the_one_gpu_game(tmp_path
     )
     for joint_batch in (False, True):
         check_game(tmp_path, joint_batch, torch.device("cuda", 0), "SyncBatchNorm")
+
+
+@pytest.mark.gpu
+def test_generation_on_cuda_is_the_cpu_generation(exact_fp32):
+    """``generation_report`` with the models on CUDA: the same samples (fp32, no TF32, to
+    rounding) and class-consistency measures as on the CPU (issue 23)."""
+    import ctrl_csc
+    from ctrl_csc.data import build_dataset
+    from ctrl_csc.eval.generate import encode_loader, generation_report
+
+    model, _ = ctrl_csc.load_pretrained("quickstart")
+    train, test = build_dataset("mnist5k", "train"), build_dataset("mnist5k", "test")
+    probe = torch.utils.data.DataLoader(train, batch_size=250)
+    z, y = encode_loader(model.encoder, probe, "cpu")  # every class (the files are sorted)
+    x_t = torch.stack([test[i][0] for i in range(0, 1000, 5)])
+    y_t = torch.tensor([test[i][1] for i in range(0, 1000, 5)])
+    reports = {}
+    for device in ("cpu", "cuda"):
+        m = copy.deepcopy(model).to(device)
+        reports[device] = generation_report(m.encoder, m.decoder, z, y, x_t, y_t, device=device)
+    cpu, cuda = reports["cpu"], reports["cuda"]
+    torch.testing.assert_close(cuda.samples.cpu(), cpu.samples, rtol=0, atol=1e-3)
+    for k, v in cpu.metrics.items():
+        assert cuda.metrics[k] == pytest.approx(v, abs=0.02), k
