@@ -58,7 +58,8 @@ def main() -> None:
     for p in f.parameters():
         p.requires_grad_(False)
     x_train, x_test = images(cfg, "train"), images(cfg, "test")
-    o = cfg["loss"]["objective"]
+    # a run trained by another loss (an autoencoder's encoder, as a control): the quickstart's
+    o = cfg["loss"].get("objective") or {"eps_sq": 0.5, "beta": 10.0, "distance": "l2"}
     objective = CTRLObjective("samplewise", eps_sq=o["eps_sq"], beta=o["beta"],
                               distance=o["distance"], encoder_beta=0.0)  # fmt: skip
     opt = torch.optim.Adam(g.parameters(), lr=args.lr, betas=(0.5, 0.999))

@@ -498,7 +498,7 @@ def test_code_consistency_term_is_added_to_the_decoders_quantity_only(code_beta)
     grads = torch.autograd.grad(total, list(ref_g.parameters()))
     expected = flat(ref_g) - LR_G * torch.cat([gr.flatten() for gr in grads])
     torch.testing.assert_close(flat(g), expected, rtol=1e-9, atol=1e-12)
-    assert out["objective/code_distance"] == pytest.approx(float(term), rel=1e-9)
+    assert out["objective/code_distance"] == pytest.approx(float(term.detach()), rel=1e-9)
 
 
 def test_code_beta_is_checked():

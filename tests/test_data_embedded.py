@@ -114,8 +114,8 @@ def test_natural_patches_photo_subset():
         k = names.index(sub.classes[sub.labels[i]])
         y, x, p = sub.ys[i], sub.xs[i], sub.patch_size
         torch.testing.assert_close(
-            torch.from_numpy(sub.photos[sub.labels[i]][y : y + p, x : x + p]),
-            torch.from_numpy(full.photos[k][y : y + p, x : x + p]),
+            torch.from_numpy(sub.photos[sub.labels[i]][y : y + p, x : x + p].copy()),
+            torch.from_numpy(full.photos[k][y : y + p, x : x + p].copy()),
         )
     for bad in (["nope"], [], ["camera", "camera"]):
         with pytest.raises(ValueError, match="dataset.photos"):
