@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ctrl_csc.repro.runner import eval_dir, git_revision, run_dir
-from ctrl_csc.repro.suite import FAMILIES, FAMILY_LABELS, SAME_AS, Evaluation, Row
+from ctrl_csc.repro.suite import DATA_KINDS, FAMILIES, FAMILY_LABELS, SAME_AS, Evaluation, Row
 
 # The baseline row's setting in each ablation table.
 BASE_SETTINGS = {
@@ -154,7 +154,7 @@ def _per_data_kind(results, header, row_of, extra=None) -> str:
     """One table per data kind: a row per family whose run ``row_of(label, result)`` turns into
     cells (``None``: left out), then the rows ``extra(data)`` adds."""
     text = ""
-    for data in ("mnist", "photos"):
+    for data in DATA_KINDS:
         body = []
         for family in FAMILIES:
             r = results.get(f"{family}_{data}")
@@ -335,8 +335,7 @@ def _mean_image(results, data):
 
 def _v_reconstruct(results):
     gaps = {
-        d: (_psnr(results, f"csc_ctrl_{d}"), _psnr(results, f"dcgan_ctrl_{d}"))
-        for d in ("mnist", "photos")
+        d: (_psnr(results, f"csc_ctrl_{d}"), _psnr(results, f"dcgan_ctrl_{d}")) for d in DATA_KINDS
     }
     if any(None in g for g in gaps.values()):
         return "incomplete"
@@ -358,7 +357,7 @@ def _v_reconstruct(results):
 
 def _v_autoencoders(results):
     gaps = {}
-    for d in ("mnist", "photos"):
+    for d in DATA_KINDS:
         csc = _psnr(results, f"csc_ctrl_{d}")
         aes = [_psnr(results, f"{f}_{d}") for f in ("conv_ae", "sparse_ae", "denoising_ae")]
         if csc is None or None in aes:
@@ -371,7 +370,7 @@ def _v_autoencoders(results):
 
 def _v_unseen(results):
     parts, ok = [], True
-    for d in ("mnist", "photos"):
+    for d in DATA_KINDS:
         drops = {}
         for f in FAMILIES:
             a, b = _psnr(results, f"{f}_{d}"), _psnr(results, f"{f}_{d}", "unseen")
@@ -404,7 +403,7 @@ def _v_stable(results):
     spread = out["csc_ctrl"][0]
     ok = spread <= min(out["dcgan_ctrl"][0], STABLE_STD) and out["csc_ctrl"][1]
     return ("**reproduced**" if ok else "**not reproduced**") + (
-        f" (std over seeds: CSC {out['csc_ctrl'][0]:.2f} dB, DCGAN {out['dcgan_ctrl'][0]:.2f} dB;"
+        f" (std over seeds: CSC {spread:.2f} dB, DCGAN {out['dcgan_ctrl'][0]:.2f} dB;"
         f" every CSC seed beats the mean image: {out['csc_ctrl'][1]})"
     )
 
@@ -426,7 +425,7 @@ SPARSE_DENSITY = 0.20
 
 def _v_sparse(results):
     parts, ok = [], True
-    for d in ("mnist", "photos"):
+    for d in DATA_KINDS:
         r = results.get(f"csc_ctrl_{d}")
         dens = [v for k, v in sorted(r.test.items()) if k.startswith("density/enc")] if r else []
         if not dens:
@@ -443,7 +442,7 @@ CLASSICAL_RATIO = 1.1
 
 def _v_dictionaries(results):
     parts, ok = [], True
-    for d in ("mnist", "photos"):
+    for d in DATA_KINDS:
         r = results.get(f"csc_ctrl_{d}")
         t = r.test if r is not None else {}
         stages, i = [], 0
