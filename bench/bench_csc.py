@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ctrl_csc.nn import CSCLayer
-from ctrl_csc.nn.solver import compile_available
+from ctrl_csc.nn.compiled import compile_available
 
 STAGES = [  # (in, out, stride) at 32x32
     (3, 64, 1),

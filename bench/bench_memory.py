@@ -10,9 +10,13 @@ grad, loss ``Σ z²``:
 * ``saved_mib``: the bytes held for backward when the forward returns, counted with
   ``torch.autograd.graph.saved_tensors_hooks`` over *distinct* storages (a tensor saved by two
   operations counts once; the input ``x`` and the code ``z`` are included). Works on CPU.
-* ``peak_saved_mib``: the most saved bytes alive at any moment of forward + backward, which for
-  ``checkpoint`` includes the segment being replayed in backward (temporaries of the backward
-  itself, such as the CG vectors of ``implicit``, are not saved tensors and are not counted).
+* ``peak_saved_mib``: the most saved bytes alive at any moment of forward + backward, as those
+  hooks see them (for ``checkpoint``, ``torch.utils.checkpoint`` keeps the tensors of the segment
+  it replays in backward out of sight of outer hooks: see ``peak_alloc_mib``).
+* ``peak_alloc_mib`` (CPU): the most bytes allocated at any moment of forward + backward beyond
+  what was allocated before, from the allocation events of ``torch.profiler``
+  (``profile_memory=True``): every tensor, saved or temporary, replayed segments and the CG
+  vectors of ``implicit`` included. ``None`` where the profiler gives no events.
 * ``ratio_vs_t2_unrolled``: ``saved_mib`` over that of T = 2 unrolled (the issue's target: ≤ 1.5
   at T = 10 with checkpoint or implicit).
 * ``cuda_peak_mib`` (``--device cuda``): ``torch.cuda.max_memory_allocated`` during forward +
@@ -28,12 +32,36 @@ import statistics
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from ctrl_csc.nn import CSCLayer
 from ctrl_csc.nn.saved import SavedBytes
 
 MODES = ("unrolled", "checkpoint", "implicit")
 MIB = 2.0**20
+
+
+def cpu_peak_allocated(run) -> int | None:
+    """The most bytes allocated on the CPU at any moment of ``run()`` beyond those allocated
+    before it: the running sum of the profiler's allocation (+) and release (−) events in time
+    order. ``None`` if this torch's profiler records none."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    try:
+        events = [
+            (e.start_ns(), e.nbytes())
+            for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]"
+        ]
+    except AttributeError:  # the results' layout is not public API
+        return None
+    if not events:
+        return None
+    total = peak = 0
+    for _, nbytes in sorted(events):
+        total += nbytes
+        peak = max(peak, total)
+    return peak
 
 
 def measure(args, n_iter: int, mode: str) -> dict:
@@ -72,6 +100,9 @@ def measure(args, n_iter: int, mode: str) -> dict:
         "saved_mib": round(saved / MIB, 2),
         "peak_saved_mib": round(counter.peak / MIB, 2),
     }
+    if device.type == "cpu":
+        peak = cpu_peak_allocated(step)
+        row["peak_alloc_mib"] = None if peak is None else round(peak / MIB, 2)
     if device.type == "cuda":
         torch.cuda.synchronize()
         row["cuda_peak_mib"] = round((torch.cuda.max_memory_allocated() - before) / MIB, 2)

@@ -16,8 +16,8 @@ from dense_reference import F64, coordinate_descent, dense_matrix
 
 from ctrl_csc.models import CSCDecoder, CSCEncoder
 from ctrl_csc.nn import CSCLayer, SparseDeconvLayer
+from ctrl_csc.nn.compiled import compile_available
 from ctrl_csc.nn.saved import SavedBytes
-from ctrl_csc.nn.solver import compile_available
 
 
 def _loss_weights(z):
@@ -247,15 +247,15 @@ def test_mask_free_prox_inside_compile_is_the_prox():
     """Inside torch.compile the prox is written without a boolean mask ((v + |v|)/2 for max(v, 0),
     inductor stores masks slowly on CPU): the same values bit for bit, the same gradient except
     at v = 0 exactly, where it is ½."""
+    from ctrl_csc.nn.iteration import apply_prox
     from ctrl_csc.nn.prox import shrink
-    from ctrl_csc.nn.solver import _prox
 
     v = torch.randn(4, 3, 5, 5, dtype=torch.float64)
     v.view(-1)[:4] = torch.tensor([0.0, -0.0, 1e-300, -1e-300], dtype=torch.float64)
     for nonnegative in (True, False):
         a = v.clone().requires_grad_(True)
         b = v.clone().requires_grad_(True)
-        got = _prox(a, 0.3, nonnegative, traced=True)
+        got = apply_prox(a, 0.3, nonnegative, traced=True)
         want = torch.relu(b) if nonnegative else shrink(b, 0.3)
         assert torch.equal(got, want)
         g = torch.randn_like(v)

@@ -102,12 +102,12 @@ def test_lipschitz_tracks_dictionary_changes_in_eval():
 
 
 def test_eval_reuses_the_estimate_until_the_weight_changes(monkeypatch):
-    import ctrl_csc.nn.solver as solver_module
+    import ctrl_csc.nn.lipschitz as lipschitz_module
 
     calls = []
-    real = solver_module.power_iteration
+    real = lipschitz_module.power_iteration
     monkeypatch.setattr(
-        solver_module, "power_iteration", lambda *a: calls.append(a[-1]) or real(*a)
+        lipschitz_module, "power_iteration", lambda *a: calls.append(a[-1]) or real(*a)
     )
     layer = CSCLayer(2, 3, 3, init_power_iters=7).eval()
     x = torch.randn(1, 2, 6, 6)
@@ -289,7 +289,7 @@ def test_stride_one_transposed_convolution_is_the_library_one(kernel_size, paddi
     """At stride 1 the transposed convolution runs as a convolution with the flipped kernel
     (padding k − 1 − p; p ≥ k falls back to conv_transpose2d): the same values and gradients as
     torch's conv_transpose2d, in float64."""
-    from ctrl_csc.nn.solver import StridedConv
+    from ctrl_csc.nn import StridedConv
 
     w = torch.randn(5, 3, kernel_size, kernel_size, dtype=F64, requires_grad=True)
     op = StridedConv(w, 1, padding, (0, 0), transposed)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ctrl_csc.nn import power_iteration, prox_elastic_net, shrink
-from ctrl_csc.nn.solver import fista_momentum
+from ctrl_csc.nn.iteration import fista_momentum
 
 GRID = torch.linspace(-5.0, 5.0, 100001, dtype=torch.float64)  # spacing 1e-4
 VALUES = [-3.7, -1.2, -0.31, -0.05, 0.0, 0.04, 0.29, 0.8, 2.5]

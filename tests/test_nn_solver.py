@@ -248,7 +248,7 @@ def test_empty_batch():
 def test_lambda_max_is_the_smallest_lambda_with_zero_solution(nonnegative):
     """λ_max from the layer's operator equals ‖Mᵀu‖_∞ (max(Mᵀu)₊ with z ≥ 0) on the dense
     matrix, and the converged solution is zero just above it and non-zero just below it."""
-    from ctrl_csc.nn.solver import lambda_max
+    from ctrl_csc.nn.iteration import lambda_max
 
     layer, m, x = csc_problem(nonnegative)
     u = x.reshape(2, -1)
@@ -332,8 +332,8 @@ def test_step_has_a_margin_and_a_learned_step_stays_bounded(algorithm, bound):
     assert float(layer.solver.step_size()) * l_true <= 1.0 + 1e-9
     learned = CSCLayer(2, 3, 3, stride=2, algorithm=algorithm, learn_step=True).double().eval()
     learned.lipschitz(x.shape[-2:])
-    start = float(learned.solver.step_scale)
+    start = float(learned.solver.step_scale.detach())
     assert start == pytest.approx(1.0 if algorithm == "ista" else 0.95)
     with torch.no_grad():
         learned.solver.raw_step_scale.fill_(50.0)
-    assert float(learned.solver.step_scale) <= bound
+    assert float(learned.solver.step_scale.detach()) <= bound

@@ -1,16 +1,12 @@
 """Pure-torch layers of CSC-CTRL: CSC and sparse deconvolution stages, their geometry and options
 (:mod:`ctrl_csc.nn.stage`), prox operators, solver."""
 
+from .iteration import lasso_objective
 from .layers import CSCLayer, SparseDeconvLayer
+from .lipschitz import power_iteration
 from .noise import add_noise
 from .prox import prox_elastic_net, shrink
-from .solver import (
-    StridedConv,
-    UnrolledLasso,
-    lasso_objective,
-    power_iteration,
-    unrolled_lasso,
-)
+from .solver import UnrolledLasso, unrolled_lasso
 from .stage import (
     DecoderStageOptions,
     EncoderStageOptions,
@@ -18,6 +14,7 @@ from .stage import (
     conv_output_size,
     transposed_output_padding,
 )
+from .strided_conv import StridedConv
 
 __all__ = [
     "CSCLayer",

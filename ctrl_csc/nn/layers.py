@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .solver import StridedConv, UnrolledLasso
+from .solver import UnrolledLasso
 from .stage import (
     DecoderStageOptions,
     EncoderStageOptions,
@@ -33,6 +33,7 @@ from .stage import (
     transposed_output_padding,
     upsampled_size,
 )
+from .strided_conv import StridedConv
 
 __all__ = ["CSCLayer", "SparseDeconvLayer", "conv_output_size", "transposed_output_padding"]
 
