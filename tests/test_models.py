@@ -309,7 +309,7 @@ def test_bad_decoder_kind_and_defaults():
         CSCDecoder(1, 8, [{"in_channels": 4}], stage_defaults={"iters": 3})
     with pytest.raises(ValueError, match="output_activation"):
         CSCDecoder(1, 8, [{"in_channels": 4}], output_activation="sigmoid")
-    with pytest.raises(ValueError, match=r"decoder\.stages\[0\]: SparseDeconvLayer.*learn_lmbda"):
+    with pytest.raises(ValueError, match=r"^model\.decoder\.stages\[0\]: learn_lmbda"):
         CSCDecoder(1, 8, [{"in_channels": 4, "kind": "synthesis", "learn_lmbda": True}])
 
 

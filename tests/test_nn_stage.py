@@ -72,14 +72,6 @@ def test_size_error_names_the_setting_it_comes_from():
     assert stage.default_padding(4) == 2 and stage.default_padding(4, 1) == 1
 
 
-def _defaults(fn) -> dict:
-    return {
-        name: p.default
-        for name, p in inspect.signature(fn).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-
-
 @pytest.mark.parametrize(
     ("layer", "table", "spec", "channels"),
     [
@@ -87,19 +79,44 @@ def _defaults(fn) -> dict:
         (SparseDeconvLayer, DecoderStageOptions, specs.DeconvStageSpec, "in_channels"),
     ],
 )
-def test_the_layer_and_the_spec_of_a_role_take_the_defaults_of_one_table(
-    layer, table, spec, channels
-):
+def test_the_layer_and_the_spec_of_a_role_share_one_options_object(layer, table, spec, channels):
+    """A layer given nothing holds its role's defaults; a model's spec is a subclass of that
+    table, passed whole to the layer and on to its solver (no list of options in between)."""
     options = {f.name: f.default for f in dataclasses.fields(table)}
     assert set(options) == set(table.option_names())
-    assert _defaults(layer) == options  # every keyword of the layer, and nothing else
-    required = [n for n, p in inspect.signature(layer).parameters.items() if n not in options]
-    assert required == ["in_channels", "out_channels"]
+    params = inspect.signature(layer).parameters
+    assert list(params) == ["in_channels", "out_channels", "kernel_size", "options", "changes"]
+    assert layer(2, 3).options == table()
     spec_fields = {f.name: f for f in dataclasses.fields(spec)}
     assert {n: spec_fields[n].default for n in options} == options
     assert set(spec_fields) - set(options) == {channels, "norm", "activation"}
-    built = spec(**{channels: 4})
-    assert {n: built.layer_kwargs()[n] for n in options} == options
+    built = spec(**{channels: 4}, kernel_size=4, stride=2, lmbda=0.2, n_iter=3)
+    assert built.layer_kwargs() == {**options, "kernel_size": 4, "stride": 2, "lmbda": 0.2,
+                                    "n_iter": 3}  # fmt: skip
+    made = layer(2, 3, options=built)
+    assert made.options is built and (made.kernel_size, made.stride) == (4, 2)
+    if made.solver is not None:
+        assert made.solver.options is built and made.solver.n_iter == 3
+    changed = layer(2, 3, 5, options=built, lmbda=0.3)  # a copy with the changes, validated
+    assert changed.options.layer_kwargs() == {**built.layer_kwargs(), "kernel_size": 5,
+                                              "lmbda": 0.3}  # fmt: skip
+    with pytest.raises(ValueError, match=rf"^{layer.__name__}: unknown options \['lmbd'\]"):
+        layer(2, 3, lmbd=0.1)
+    with pytest.raises(ValueError, match=f"^{layer.__name__}: options must be a {table.__name__}"):
+        layer(2, 3, options={"lmbda": 0.1})
+
+
+def test_an_options_object_is_validated_when_made():
+    with pytest.raises(stage.OptionError, match="^lmbda must be >= 0, got -1"):
+        EncoderStageOptions(lmbda=-1)
+    with pytest.raises(stage.OptionError, match="^backward='implicit'.*learn_step") as err:
+        DecoderStageOptions(backward="implicit", learn_step=True)
+    assert err.value.at("model.decoder.stages[0]").startswith("model.decoder.stages[0]: backward")
+    with pytest.raises(ValueError, match=r"^model\.encoder\.stages\[1\]\.n_iter must be"):
+        specs.parse_stages(
+            [{"out_channels": 2}, {"out_channels": 2, "n_iter": 0}], specs.CSCStageSpec,
+            "model.encoder.stages",
+        )  # fmt: skip
 
 
 def test_role_defaults_and_kinds():

@@ -88,10 +88,11 @@ def _stage_mappings(
     return out, {**MODEL_STAGE_DEFAULTS, **given}
 
 
-def _build(where: str, cls: type[nn.Module], **kwargs: Any) -> nn.Module:
-    """``cls(**kwargs)`` with a ``ValueError`` from the layer prefixed by the stage's setting."""
+def _build(where: str, cls: type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
+    """``cls(*args, **kwargs)`` with a ``ValueError`` from the layer prefixed by the stage's
+    setting."""
     try:
-        return cls(**kwargs)
+        return cls(*args, **kwargs)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
 
@@ -188,7 +189,7 @@ class CSCEncoder(ImageEncoder):
         for i, spec in enumerate(self.specs):
             where = f"model.encoder.stages[{i}]"
             size = _stage_size(size, spec, where, image_size)
-            self.stages.append(_build(where, CSCLayer, in_channels=c, **spec.layer_kwargs()))
+            self.stages.append(_build(where, CSCLayer, c, spec.out_channels, options=spec))
             self.norms.append(
                 make_norm(
                     norm if spec.norm is None else spec.norm,
@@ -320,13 +321,7 @@ class CSCDecoder(ImageDecoder):
             last = j == n - 1
             c_out = self.out_channels if last else self.specs[j + 1].in_channels
             self.stages.append(
-                _build(
-                    where,
-                    SparseDeconvLayer,
-                    in_channels=spec.in_channels,
-                    out_channels=c_out,
-                    **spec.layer_kwargs(),
-                )
+                _build(where, SparseDeconvLayer, spec.in_channels, c_out, options=spec)
             )
             if last:
                 self.norms.append(nn.Identity())

@@ -7,10 +7,10 @@ position instead of being ignored.
 The stage options, their defaults and their checks are those of the layers
 (:mod:`ctrl_csc.nn.stage`): a spec is the options of its role (a subclass of
 :class:`~ctrl_csc.nn.stage.EncoderStageOptions` / :class:`~ctrl_csc.nn.stage.DecoderStageOptions`)
-plus what the model adds around the layer (its channels, ``norm``, ``activation``). Each option is
-checked when the stage is parsed; the constraints between options (e.g. ``backward='implicit'``
-refuses ``learn_step``) are checked by the layer when the model builds it, and reported with the
-stage's position too.
+plus what the model adds around the layer (its channels, ``norm``, ``activation``). A spec is
+validated once, when it is parsed — each option, and the constraints between options (e.g.
+``backward='implicit'`` refuses ``learn_step``), reported with the stage's position — and the
+model passes it whole to its layer, which passes it to its solver.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from ctrl_csc.nn.stage import (
     KINDS,
     DecoderStageOptions,
     EncoderStageOptions,
+    OptionError,
     check_channels,
-    check_options,
 )
 
 from ._common import ACTIVATIONS, NORMS
@@ -59,10 +59,6 @@ class CSCStageSpec(EncoderStageOptions):
     out_channels: int
     norm: str | None = None
     activation: str = "none"
-
-    def layer_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`ctrl_csc.nn.CSCLayer` (without ``in_channels``)."""
-        return {"out_channels": self.out_channels, **super().layer_kwargs()}
 
 
 @dataclass(frozen=True)
@@ -102,11 +98,10 @@ S = TypeVar("S", CSCStageSpec, DeconvStageSpec)
 
 
 def _check_spec(spec: CSCStageSpec | DeconvStageSpec, where: str) -> None:
-    """Each value of ``spec``: its channels and options by the layer's checks
-    (:func:`ctrl_csc.nn.stage.check_options`), then the model's ``norm`` and ``activation``."""
+    """What the model adds around the layer's options (those were validated when the spec was
+    made): the channels, ``norm`` and ``activation``."""
     channels = "out_channels" if isinstance(spec, CSCStageSpec) else "in_channels"
     check_channels(getattr(spec, channels), f"{where}.{channels}")
-    check_options(spec.layer_kwargs(), f"{where}.")
     if spec.norm is not None and spec.norm not in NORMS:
         raise ValueError(f"{where}.norm must be one of {NORMS} or null, got {spec.norm!r}")
     if isinstance(spec, CSCStageSpec):
@@ -154,6 +149,8 @@ def parse_stages(
                 raise ValueError(f"{where}: unknown keys {unknown}; valid keys: {sorted(names)}")
             try:
                 spec = cls(**{**base, **{str(k): v for k, v in raw.items()}})
+            except OptionError as err:
+                raise ValueError(err.at(where)) from None
             except TypeError as err:
                 raise ValueError(f"{where}: {err}") from None
         else:

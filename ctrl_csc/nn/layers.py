@@ -15,6 +15,7 @@ Conventions. A CSC dictionary ``A`` is stored like an ``nn.Conv2d`` weight, ``(C
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,8 +26,6 @@ from .stage import (
     EncoderStageOptions,
     StageOptions,
     check_channels,
-    check_options,
-    check_relations,
     code_size,
     conv_output_size,
     default_padding,
@@ -38,20 +37,25 @@ from .strided_conv import StridedConv
 __all__ = ["CSCLayer", "SparseDeconvLayer", "conv_output_size", "transposed_output_padding"]
 
 _NORM_EPS = 1e-12
-#: The defaults of the layers' options: the one table in :mod:`ctrl_csc.nn.stage`.
-_ENC = EncoderStageOptions()
-_DEC = DecoderStageOptions()
 
 
-def _check_stage(
-    owner: str, in_channels: int, out_channels: int, table: StageOptions, arguments: dict
-) -> None:
-    """The checks of :mod:`ctrl_csc.nn.stage` on a layer's arguments (its ``locals()``)."""
+def _stage_options(
+    owner: str,
+    in_channels: int,
+    out_channels: int,
+    role: type[StageOptions],
+    options: StageOptions | None,
+    changes: dict,
+) -> StageOptions:
+    """The layer's one options object: ``options`` (validated when it was made; the role's
+    defaults when ``None``) with ``changes``; the channels checked."""
     check_channels(in_channels, f"{owner}: in_channels")
     check_channels(out_channels, f"{owner}: out_channels")
-    options = {name: arguments[name] for name in table.option_names()}
-    check_options(options, f"{owner}: ")
-    check_relations(options, f"{owner}: ")
+    if options is None:
+        options = role()
+    elif not isinstance(options, role):
+        raise ValueError(f"{owner}: options must be a {role.__name__}, got {options!r}")
+    return options.replaced(owner, **changes) if changes else options
 
 
 def _check_input(x: Tensor, channels: int, owner: str, what: str) -> None:
@@ -94,16 +98,19 @@ class CSCLayer(nn.Module):
     Args:
         in_channels: channels ``C_in`` of the input signal.
         out_channels: number of atoms ``C_out`` (code channels).
-        kernel_size, stride, padding, lmbda, mu, n_iter, algorithm, nonnegative,
-        normalize_atoms, learn_lmbda, learn_step, power_iters, init_power_iters, lmbda_relative,
-        init_std, backward, compile: the options of an encoder stage, with their defaults and
-            meaning in :class:`~ctrl_csc.nn.stage.EncoderStageOptions` (``padding=None`` means
-            ``k // 2``; ``nonnegative`` constrains the code to ``z ≥ 0``).
+        kernel_size: atom size ``k`` (a shorthand for the option of that name).
+        options: the stage's options, an :class:`~ctrl_csc.nn.stage.EncoderStageOptions` (frozen,
+            validated when made; a model passes its parsed stage spec); ``None``: the defaults.
+        **changes: options to change, by name (``stride=2, lmbda=0.1, n_iter=5``…), with their
+            defaults and meaning in :class:`~ctrl_csc.nn.stage.EncoderStageOptions`
+            (``padding=None`` means ``k // 2``; ``nonnegative`` constrains the code to
+            ``z ≥ 0``).
 
     Shapes:
         input ``(N, C_in, H, W)`` → code ``(N, C_out, h, w)``, ``h = ⌊(H + 2p − k)/s⌋ + 1``.
 
     Attributes:
+        options: the stage's :class:`~ctrl_csc.nn.stage.EncoderStageOptions`.
         weight: the dictionary ``A``, ``(C_out, C_in, k, k)``.
         solver: the :class:`UnrolledLasso` holding λ, the step and the Lipschitz estimate.
     """
@@ -112,38 +119,28 @@ class CSCLayer(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int = _ENC.kernel_size,
-        stride: int = _ENC.stride,
-        padding: int | None = _ENC.padding,
-        lmbda: float = _ENC.lmbda,
-        mu: float = _ENC.mu,
-        n_iter: int = _ENC.n_iter,
-        algorithm: str = _ENC.algorithm,
-        nonnegative: bool = _ENC.nonnegative,
-        normalize_atoms: bool = _ENC.normalize_atoms,
-        learn_lmbda: bool = _ENC.learn_lmbda,
-        learn_step: bool = _ENC.learn_step,
-        power_iters: int = _ENC.power_iters,
-        init_power_iters: int = _ENC.init_power_iters,
-        lmbda_relative: bool = _ENC.lmbda_relative,
-        init_std: float | None = _ENC.init_std,
-        backward: str = _ENC.backward,
-        compile: bool = _ENC.compile,
+        kernel_size: int | None = None,
+        *,
+        options: EncoderStageOptions | None = None,
+        **changes: Any,
     ) -> None:
         super().__init__()
-        _check_stage("CSCLayer", in_channels, out_channels, _ENC, locals())
+        if kernel_size is not None:
+            changes["kernel_size"] = kernel_size
+        opts = _stage_options(
+            "CSCLayer", in_channels, out_channels, EncoderStageOptions, options, changes
+        )
+        self.options = opts
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = kernel_size
-        self.stride = stride
-        self.padding = default_padding(kernel_size, padding)
-        self.normalize_atoms = bool(normalize_atoms)
-        self.init_std = None if init_std is None else float(init_std)
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
-        self.solver = UnrolledLasso(
-            out_channels, lmbda, mu, n_iter, algorithm, nonnegative, learn_lmbda, learn_step,
-            power_iters, init_power_iters, lmbda_relative, backward, compile,
-        )  # fmt: skip
+        self.kernel_size = opts.kernel_size
+        self.stride = opts.stride
+        self.padding = default_padding(opts.kernel_size, opts.padding)
+        self.normalize_atoms = bool(opts.normalize_atoms)
+        self.init_std = None if opts.init_std is None else float(opts.init_std)
+        k = opts.kernel_size
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, k, k))
+        self.solver = UnrolledLasso(out_channels, opts)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -279,17 +276,19 @@ class SparseDeconvLayer(nn.Module):
     Args:
         in_channels: channels ``C_in`` of the coarse input (code).
         out_channels: channels ``C_out`` of the fine output.
-        kernel_size, stride, padding, kind, lmbda, mu, n_iter, algorithm, nonnegative,
-        normalize_atoms, learn_lmbda, learn_step, power_iters, init_power_iters, lmbda_relative,
-        init_std, backward, compile: the options of a decoder stage, with their defaults and
-            meaning in :class:`~ctrl_csc.nn.stage.DecoderStageOptions` (the solver options are
-            used by ``inverse_csc`` only; ``normalize_atoms``: see the kinds).
+        kernel_size: atom size ``k`` (a shorthand for the option of that name).
+        options: the stage's options, a :class:`~ctrl_csc.nn.stage.DecoderStageOptions` (frozen,
+            validated when made); ``None``: the defaults.
+        **changes: options to change, by name (``kind="inverse_csc", stride=2``…), with their
+            defaults and meaning in :class:`~ctrl_csc.nn.stage.DecoderStageOptions` (the solver
+            options are used by ``inverse_csc`` only; ``normalize_atoms``: see the kinds).
 
     Shapes:
         ``(N, C_in, h, w)`` → ``(N, C_out, H, W)`` with ``(H, W) = output_size`` or by default
         ``(h·s, w·s)``.
 
     Attributes:
+        options: the stage's :class:`~ctrl_csc.nn.stage.DecoderStageOptions`.
         weight: ``A'``, ``(C_in, C_out, k, k)`` (a ``conv_transpose2d`` weight).
         solver: the :class:`UnrolledLasso` (``inverse_csc``) or ``None`` (``synthesis``).
     """
@@ -298,55 +297,29 @@ class SparseDeconvLayer(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int = _DEC.kernel_size,
-        stride: int = _DEC.stride,
-        padding: int | None = _DEC.padding,
-        kind: str = _DEC.kind,
-        lmbda: float = _DEC.lmbda,
-        mu: float = _DEC.mu,
-        n_iter: int = _DEC.n_iter,
-        algorithm: str = _DEC.algorithm,
-        nonnegative: bool = _DEC.nonnegative,
-        normalize_atoms: bool = _DEC.normalize_atoms,
-        learn_lmbda: bool = _DEC.learn_lmbda,
-        learn_step: bool = _DEC.learn_step,
-        power_iters: int = _DEC.power_iters,
-        init_power_iters: int = _DEC.init_power_iters,
-        lmbda_relative: bool = _DEC.lmbda_relative,
-        init_std: float | None = _DEC.init_std,
-        backward: str = _DEC.backward,
-        compile: bool = _DEC.compile,
+        kernel_size: int | None = None,
+        *,
+        options: DecoderStageOptions | None = None,
+        **changes: Any,
     ) -> None:
         super().__init__()
-        _check_stage("SparseDeconvLayer", in_channels, out_channels, _DEC, locals())
+        if kernel_size is not None:
+            changes["kernel_size"] = kernel_size
+        opts = _stage_options(
+            "SparseDeconvLayer", in_channels, out_channels, DecoderStageOptions, options, changes
+        )
+        self.options = opts
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = kernel_size
-        self.stride = stride
-        self.padding = default_padding(kernel_size, padding)
-        self.kind = kind
-        self.normalize_atoms = bool(normalize_atoms)
-        self.init_std = None if init_std is None else float(init_std)
-        self.weight = nn.Parameter(torch.empty(in_channels, out_channels, kernel_size, kernel_size))
-        self.solver = (
-            UnrolledLasso(
-                out_channels,
-                lmbda,
-                mu,
-                n_iter,
-                algorithm,
-                nonnegative,
-                learn_lmbda,
-                learn_step,
-                power_iters,
-                init_power_iters,
-                lmbda_relative,
-                backward,
-                compile,
-            )  # fmt: skip
-            if kind == "inverse_csc"
-            else None
-        )
+        self.kernel_size = opts.kernel_size
+        self.stride = opts.stride
+        self.padding = default_padding(opts.kernel_size, opts.padding)
+        self.kind = opts.kind
+        self.normalize_atoms = bool(opts.normalize_atoms)
+        self.init_std = None if opts.init_std is None else float(opts.init_std)
+        k = opts.kernel_size
+        self.weight = nn.Parameter(torch.empty(in_channels, out_channels, k, k))
+        self.solver = UnrolledLasso(out_channels, opts) if opts.kind == "inverse_csc" else None
         self.reset_parameters()
 
     @property

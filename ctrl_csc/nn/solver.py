@@ -32,7 +32,7 @@ from .backward import checkpointed, implicit
 from .compiled import compile_available, segment_function
 from .iteration import Callback, fista_momentum, lambda_max, lasso_objective
 from .lipschitz import LipschitzEstimate
-from .stage import ALGORITHMS, BACKWARDS, check_options, check_relations
+from .stage import ALGORITHMS, BACKWARDS, EncoderStageOptions, StageOptions
 from .strided_conv import StridedConv
 
 __all__ = ["UnrolledLasso", "unrolled_lasso"]
@@ -163,17 +163,15 @@ class UnrolledLasso(LipschitzEstimate):
 
     Args:
         channels: channels of the unknown (for the power-iteration vector).
-        lmbda, mu, n_iter, algorithm, nonnegative: see :func:`unrolled_lasso`.
-        learn_lmbda: make ``λ`` a parameter.
-        learn_step: learn a multiplier on ``η``.
-        power_iters: power-iteration steps per training forward (``≥ 1``).
-        init_power_iters: steps when the sizes change / before evaluation (``≥ 1``).
-        lmbda_relative: ``lmbda`` is a fraction (``< 1``) of each sample's ``λ_max``.
-        backward: ``"unrolled"`` (default), ``"checkpoint"`` or ``"implicit"`` (see the module
-            docstring; ``"implicit"`` refuses ``learn_step``).
-        compile: fuse each iteration's elementwise work with ``torch.compile``
-            (:func:`unrolled_lasso`'s ``fused``); where compile cannot run (no C++ compiler), a
-            warning is given once and the eager path is used.
+        options: the stage's options object (:class:`~ctrl_csc.nn.stage.StageOptions` of either
+            role, validated when it was made), of which the solver reads ``lmbda``, ``mu``,
+            ``n_iter``, ``algorithm``, ``nonnegative``, ``learn_lmbda``, ``learn_step``,
+            ``power_iters``, ``init_power_iters``, ``lmbda_relative``, ``backward`` and
+            ``compile`` (meanings there and in :func:`unrolled_lasso`; with ``compile``, where
+            ``torch.compile`` cannot run, a warning is given once and the eager path is used).
+            ``None``: an encoder stage's defaults. Kept as ``options``; the attributes made from
+            it (``n_iter``, ``mu``…) are the live settings, which a diagnostic may change in
+            place.
     """
 
     #: conjugate-gradient budget of ``backward="implicit"`` (each step costs two convolutions;
@@ -183,46 +181,30 @@ class UnrolledLasso(LipschitzEstimate):
     #: relative safety margin ``δ`` of the step ``η = m/((1 + δ)L)`` over the power-iteration ``L``
     STEP_MARGIN = 0.02
 
-    def __init__(
-        self,
-        channels: int,
-        lmbda: float = 0.1,
-        mu: float = 0.0,
-        n_iter: int = 2,
-        algorithm: str = "fista",
-        nonnegative: bool = True,
-        learn_lmbda: bool = False,
-        learn_step: bool = False,
-        power_iters: int = 1,
-        init_power_iters: int = 50,
-        lmbda_relative: bool = False,
-        backward: str = "unrolled",
-        compile: bool = False,
-    ) -> None:
-        options = dict(
-            lmbda=lmbda, mu=mu, n_iter=n_iter, algorithm=algorithm, learn_lmbda=learn_lmbda,
-            learn_step=learn_step, power_iters=power_iters, init_power_iters=init_power_iters,
-            lmbda_relative=lmbda_relative, backward=backward, compile=compile,
-        )  # fmt: skip
-        check_options(options, "UnrolledLasso: ")
-        check_relations(options, "UnrolledLasso: ")
-        super().__init__(channels, power_iters, init_power_iters)
-        self.backward = backward
-        self.compile = compile
-        self.lmbda_relative = bool(lmbda_relative)
-        self.mu = float(mu)
-        self.n_iter = int(n_iter)
-        self.algorithm = algorithm
-        self.nonnegative = bool(nonnegative)
-        self._fixed_lmbda = float(lmbda)
-        # a learned fraction of λ_max stays in (0, 1) (sigmoid): at 1 every code is zero and λ's
-        # gradient with it, so a softplus fraction that crossed 1 never came back
-        raw = math.log(lmbda / (1.0 - lmbda)) if lmbda_relative else _inverse_softplus(lmbda)
-        self.raw_lmbda = nn.Parameter(torch.tensor(raw)) if learn_lmbda else None
-        self.max_step_scale = 1.0 if algorithm == "fista" else 2.0
+    def __init__(self, channels: int, options: StageOptions | None = None) -> None:
+        opts = EncoderStageOptions() if options is None else options
+        super().__init__(channels, opts.power_iters, opts.init_power_iters)
+        lmbda = float(opts.lmbda)
+        self.options = opts
+        self.backward = opts.backward
+        self.compile = opts.compile
+        self.lmbda_relative = bool(opts.lmbda_relative)
+        self.mu = float(opts.mu)
+        self.n_iter = int(opts.n_iter)
+        self.algorithm = opts.algorithm
+        self.nonnegative = bool(opts.nonnegative)
+        self._fixed_lmbda = lmbda
+        self.raw_lmbda = None
+        if opts.learn_lmbda:  # (needs λ > 0: a fixed λ = 0 has no parameter to start from)
+            # a learned fraction of λ_max stays in (0, 1) (sigmoid): at 1 every code is zero and
+            # λ's gradient with it, so a softplus fraction that crossed 1 never came back
+            relative = self.lmbda_relative
+            raw = math.log(lmbda / (1.0 - lmbda)) if relative else _inverse_softplus(lmbda)
+            self.raw_lmbda = nn.Parameter(torch.tensor(raw))
+        self.max_step_scale = 1.0 if opts.algorithm == "fista" else 2.0
         start = min(1.0, 0.95 * self.max_step_scale) / self.max_step_scale  # sigmoid(ρ₀)
         self.raw_step_scale = (
-            nn.Parameter(torch.tensor(math.log(start / (1.0 - start)))) if learn_step else None
+            nn.Parameter(torch.tensor(math.log(start / (1.0 - start)))) if opts.learn_step else None
         )
 
     # ---- parameters -------------------------------------------------------------------------

@@ -32,6 +32,7 @@ __all__ = [
     "CHECKS",
     "KINDS",
     "RELATIONS",
+    "OptionError",
     "DecoderStageOptions",
     "EncoderStageOptions",
     "StageOptions",
@@ -134,6 +135,22 @@ def transposed_output_padding(
 
 
 # ---- options ------------------------------------------------------------------------------------
+class OptionError(ValueError):
+    """An invalid stage option, raised when an options object is made. Its message names the
+    option alone (``"lmbda must be >= 0, got -1"``) or states a constraint between options;
+    :meth:`at` puts the setting of whoever made it in front."""
+
+    def __init__(self, message: str, relation: bool) -> None:
+        super().__init__(message)
+        self.message, self.relation = message, relation
+
+    def at(self, owner: str, separator: str = ".") -> str:
+        """The message for the stage ``owner``: ``"{owner}{separator}lmbda must be ..."`` for one
+        option (``"model.encoder.stages[1].lmbda"``, or ``"CSCLayer: lmbda"`` with separator
+        ``": "``), ``"{owner}: with lmbda_relative=True ..."`` for a constraint."""
+        return f"{owner}{': ' if self.relation else separator}{self.message}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class StageOptions:
     """The options of one stage with their defaults (both roles; the role classes add theirs).
@@ -192,14 +209,41 @@ class StageOptions:
     backward: str = "unrolled"
     compile: bool = False
 
+    def __post_init__(self) -> None:
+        """Validated once, when made: each option's check (:data:`CHECKS`), then the constraints
+        between them (:data:`RELATIONS`); an :class:`OptionError` names what is wrong."""
+        options = self.layer_kwargs()
+        try:
+            check_options(options, "")
+        except ValueError as err:
+            raise OptionError(str(err), relation=False) from None
+        try:
+            check_relations(options, "")
+        except ValueError as err:
+            raise OptionError(str(err), relation=True) from None
+
+    def replaced(self, owner: str, **changes: Any) -> StageOptions:
+        """A copy with ``changes`` (validated); a ``ValueError`` naming ``owner`` (``"CSCLayer"``)
+        for an unknown option or an invalid value."""
+        unknown = sorted(set(changes) - set(self.option_names()))
+        if unknown:
+            raise ValueError(
+                f"{owner}: unknown options {unknown}; the options of a stage: "
+                f"{sorted(self.option_names())}"
+            )
+        try:
+            return dataclasses.replace(self, **changes)
+        except OptionError as err:
+            raise ValueError(err.at(owner, ": ")) from None
+
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
         """The options of this role, i.e. the keyword arguments of its layer besides channels."""
-        role = next(c for c in cls.__mro__ if "ROLE" in vars(c) and c.ROLE)
+        role = next((c for c in cls.__mro__ if "ROLE" in vars(c) and c.ROLE), cls)
         return tuple(f.name for f in dataclasses.fields(role))
 
     def layer_kwargs(self) -> dict[str, Any]:
-        """The options as keyword arguments of the layer of this role (other fields left out)."""
+        """The options of this role as a mapping (other fields of a subclass left out)."""
         return {name: getattr(self, name) for name in self.option_names()}
 
 
