@@ -337,3 +337,14 @@ def test_step_has_a_margin_and_a_learned_step_stays_bounded(algorithm, bound):
     with torch.no_grad():
         learned.solver.raw_step_scale.fill_(50.0)
     assert float(learned.solver.step_scale.detach()) <= bound
+
+
+def test_lambda_zero_is_least_squares_from_zero():
+    """λ = 0 is a valid option (plain least squares): iterations from z₀ = 0 stay in the row
+    space of D, so they converge to the minimum-norm solution pinv(D) x (dense float64)."""
+    layer = CSCLayer(2, 3, 3, stride=2, lmbda=0.0, nonnegative=False, n_iter=4000).double()
+    x = torch.randn(1, 2, 6, 5, dtype=F64)
+    z = layer(x).detach()
+    m = dense_matrix(lambda v: layer.synthesize(v, (6, 5)), (3, *layer.code_size((6, 5))))
+    want = torch.linalg.pinv(m) @ x.flatten()
+    torch.testing.assert_close(z.flatten(), want, rtol=1e-6, atol=1e-8)
