@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
+from model_configs import compose_model
 from omegaconf import OmegaConf
 
 from ctrl_csc.models import (
@@ -61,10 +62,8 @@ def header(name: str) -> re.Match:
 
 
 def build(name: str, channels: int, image_size: int):
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
-    root = OmegaConf.create({"dataset": {"channels": channels, "image_size": image_size}})
-    root.model = cfg
-    return root.model, instantiate(root.model.encoder), instantiate(root.model.decoder)
+    model = compose_model(name, channels, image_size)
+    return model, instantiate(model.encoder), instantiate(model.decoder)
 
 
 def is_ctrl(cfg) -> bool:
@@ -114,7 +113,7 @@ def test_config_keys(run):
     # the paper configs use DESIGN's d = 128; the CPU quickstart's feature is its last code
     d = 2048 if run["name"] == "csc_ctrl_tiny" else 128
     assert cfg.encoder.feature_dim == d and cfg.decoder.feature_dim == d
-    raw = OmegaConf.to_container(OmegaConf.load(CONF / f"{run['name']}.yaml"), resolve=False)
+    raw = OmegaConf.to_container(cfg, resolve=False)
     assert raw["encoder"]["in_channels"] == "${dataset.channels}"
     assert raw["encoder"]["image_size"] == "${dataset.image_size}"
     assert raw["decoder"]["out_channels"] == "${dataset.channels}"
@@ -147,16 +146,35 @@ def test_header_names_a_comparable_model(name):
         assert 0.9 < ratio < 1.1, f"{name} vs {other}: {ratio:.2f}"
 
 
-def test_model_level_lmbda_reaches_every_stage():
-    cfg = OmegaConf.load(CONF / "csc_ctrl_tiny.yaml")
-    root = OmegaConf.create({"dataset": {"channels": 1, "image_size": 32}})
-    root.model = cfg
-    root.model.lmbda = 0.03
-    root.model.n_iter = 3
-    enc, dec = instantiate(root.model.encoder), instantiate(root.model.decoder)
+@pytest.mark.parametrize("name", ["csc_ctrl_tiny", "csc_ctrl_mini"])
+def test_model_level_lmbda_reaches_every_stage(name):
+    model = compose_model(name, 1, 32)
+    model.lmbda = 0.03
+    model.n_iter = 3
+    enc, dec = instantiate(model.encoder), instantiate(model.decoder)
     for spec in [*enc.specs, *dec.specs]:
         assert (spec.lmbda, spec.n_iter) == (0.03, 3)
     assert [layer.lmbda for layer in enc.stages] == [0.03] * len(enc.stages)
+
+
+def test_the_decoder_mirrors_the_widths_unless_a_config_lists_its_stages():
+    """conf/model/csc/: the encoder's stages come from model.widths (stride 2, first_stage's keys
+    on the first), the decoder mirrors whatever the encoder's stages are, and the kernel is
+    shared; a config listing decoder.stages keeps its own (csc_ctrl_tiny)."""
+    model = compose_model("csc_ctrl_mini", 1, 32)
+    model.widths = [8, 16]
+    model.kernel_size = 2
+    enc, dec = instantiate(model.encoder), instantiate(model.decoder)
+    assert [(s.out_channels, s.stride, s.kernel_size, s.init_std) for s in enc.specs] == [
+        (8, 2, 2, 0.05), (16, 2, 2, None)]  # fmt: skip
+    assert [(s.in_channels, s.stride, s.kernel_size, s.kind, s.norm) for s in dec.specs] == [
+        (16, 2, 2, "inverse_csc", "none"), (8, 2, 2, "synthesis", None)]  # fmt: skip
+    model.encoder.stages = [{"out_channels": 4, "stride": 1, "kernel_size": 3, "padding": 1}]
+    dec = instantiate(model.decoder)
+    assert [(s.in_channels, s.stride, s.kernel_size, s.padding, s.kind) for s in dec.specs] == [
+        (4, 1, 3, 1, "synthesis")]  # fmt: skip
+    tiny = compose_model("csc_ctrl_tiny", 1, 32)
+    assert [s["in_channels"] for s in tiny.decoder.stages] == [64, 32, 16]
 
 
 def test_shapes_and_ranges(run):
@@ -510,10 +528,7 @@ def test_csc_models_given_only_their_shapes_are_the_shipped_quickstart_model(cha
     feature dimension build what conf/model/csc_ctrl_mini.yaml builds: the same stage options,
     modules, weights from the same seed and outputs (the settings that learn, not the layers'
     own defaults)."""
-    cfg = OmegaConf.load(CONF / "csc_ctrl_mini.yaml")
-    cfg.encoder.in_channels = cfg.decoder.out_channels = channels
-    cfg.encoder.image_size = cfg.decoder.image_size = 32
-    cfg.decoder.feature_dim = 128
+    cfg = compose_model("csc_ctrl_mini", channels, 32)
     torch.manual_seed(0)
     shipped = instantiate(cfg.encoder), instantiate(cfg.decoder)
     torch.manual_seed(0)

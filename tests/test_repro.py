@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from model_configs import compose_model
 from omegaconf import OmegaConf
 
 from ctrl_csc.cli.common import config_dir
@@ -95,16 +96,15 @@ def test_fista_is_ista_for_two_iterations(n_iter):
     reconstructions and gradients as with ISTA, bit for bit, from the same initialisation."""
     from ctrl_csc.cli.common import build_models, seed_all
 
-    base = OmegaConf.load(Path(config_dir()) / "model" / "csc_ctrl_mini.yaml")
     x = torch.rand(8, 1, 32, 32) * 2 - 1
     outs = []
     for algorithm in ("ista", "fista"):
-        root = OmegaConf.create({"dataset": {"channels": 1, "image_size": 32}, "model": base})
-        root.model.n_iter = n_iter
-        root.model.encoder.stage_defaults.algorithm = algorithm
-        root.model.decoder.stage_defaults.algorithm = algorithm
+        model = compose_model("csc_ctrl_mini", 1, 32)
+        model.n_iter = n_iter
+        model.encoder.stage_defaults.algorithm = algorithm
+        model.decoder.stage_defaults.algorithm = algorithm
         seed_all(0)
-        enc, dec = build_models(root.model, "cpu")
+        enc, dec = build_models(model, "cpu")
         xh = dec(enc(x))
         xh.square().mean().backward()
         outs.append((xh.detach(), [p.grad.clone() for p in [*enc.parameters(), *dec.parameters()]]))

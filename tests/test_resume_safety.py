@@ -86,6 +86,18 @@ def test_every_checkpoint_records_the_fingerprint_of_what_determines_training(tm
     assert other != state["fingerprint"] == longer
 
 
+def test_the_model_shape_keys_count_only_through_the_stages_they_make():
+    """model.widths / first_stage / kernel_size feed model.encoder and model.decoder, which are
+    fingerprinted resolved: a run saved before the configs had these keys still resumes, and a
+    change of them still refuses through the stages it changes."""
+    base = to_container(cfg_of(BASE))
+    old = {**base, "model": {k: v for k, v in base["model"].items()
+                             if k not in ("widths", "first_stage", "kernel_size")}}  # fmt: skip
+    assert config_fingerprint(old) == config_fingerprint(base)
+    narrower = to_container(cfg_of([*BASE, "model.widths=[16,64,128]"]))
+    assert config_fingerprint(narrower) != config_fingerprint(base)
+
+
 @pytest.mark.parametrize(
     "change, keys",
     [

@@ -238,15 +238,28 @@ def find_latest_checkpoint(root: str | os.PathLike) -> Path | None:
 #: The parts of a run configuration that determine the model and its training: a checkpoint
 #: continues only a run whose values of these agree (``trainer.resume_strict``).
 FINGERPRINT_SECTIONS = ("model", "loss", "optim", "dataset", "seed")
-#: Keys inside those sections that say where the data are, not what they are.
-_NOT_FINGERPRINTED = ("dataset.root", "dataset.download")
+#: Keys inside those sections (and what lies under them) left out: where the data are, not what
+#: they are; and the csc_ctrl_* configs' shape keys (conf/model/csc/base.yaml), which determine
+#: the model only through model.encoder / model.decoder, fingerprinted resolved (so runs saved
+#: before the configs had them still resume).
+_NOT_FINGERPRINTED = (
+    "dataset.root",
+    "dataset.download",
+    "model.widths",
+    "model.first_stage",
+    "model.kernel_size",
+)
+
+
+def _fingerprinted_key(key: str) -> bool:
+    return not any(key == k or key.startswith(k + ".") for k in _NOT_FINGERPRINTED)
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
     if isinstance(value, Mapping) and value:
         for k, v in value.items():
             _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
-    elif prefix not in _NOT_FINGERPRINTED:
+    elif _fingerprinted_key(prefix):
         out[prefix] = value
     return out
 

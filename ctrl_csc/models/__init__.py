@@ -17,7 +17,9 @@ from .conv_ae import ConvDecoder, ConvEncoder, ConvVAEEncoder
 from .csc import CSCDecoder, CSCEncoder
 from .dcgan import DCGANDecoder, DCGANEncoder
 from .resnet import ResNetDecoder, ResNetEncoder
-from .specs import CSCStageSpec, DeconvStageSpec, parse_stages
+from .specs import CSCStageSpec, DeconvStageSpec, parse_stages, register_resolvers
+
+register_resolvers()  # the configs' ${csc_stages:...} and ${csc_mirror:...}
 
 __all__ = [
     "Autoencoder",

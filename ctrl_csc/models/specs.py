@@ -30,7 +30,14 @@ from ctrl_csc.nn.stage import (
 
 from ._common import ACTIVATIONS, NORMS
 
-__all__ = ["CSCStageSpec", "DeconvStageSpec", "parse_stages"]
+__all__ = [
+    "CSCStageSpec",
+    "DeconvStageSpec",
+    "encoder_stages",
+    "mirrored_stages",
+    "parse_stages",
+    "register_resolvers",
+]
 
 DECODER_KINDS = KINDS
 
@@ -158,3 +165,57 @@ def parse_stages(
         _check_spec(spec, where)
         out.append(spec)
     return out
+
+
+# ---- the model configs' shape ------------------------------------------------------------------
+#: Geometry an encoder stage's mirror in the decoder keeps (the rest — λ, init_std… — is per role).
+_MIRRORED = ("stride", "kernel_size", "padding")
+
+
+def encoder_stages(widths: Sequence[int], first_stage: Mapping[str, Any] | None = None) -> list:
+    """The encoder stages of a ``csc_ctrl_*`` config from its ``widths`` (atoms per stage, fine to
+    coarse): each halves the resolution (stride 2); ``first_stage`` adds keys to the first one.
+    The config resolver ``${csc_stages:widths,first_stage}``."""
+    if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence) or not widths:
+        raise ValueError(f"model.widths must be a non-empty list of stage widths, got {widths!r}")
+    stages = [{"out_channels": w, "stride": 2} for w in widths]
+    stages[0].update(dict(first_stage or {}))
+    return stages
+
+
+def mirrored_stages(stages: Sequence[Mapping[str, Any]]) -> list:
+    """The decoder stages mirroring encoder ``stages``: coarse to fine, each taking the channels
+    its encoder stage makes and keeping its geometry; the last a ``synthesis`` stage (the image),
+    the one before it without a norm (docs/design.md §5). The config resolver
+    ``${csc_mirror:encoder.stages}``."""
+    out = [
+        {"in_channels": s["out_channels"], **{k: s[k] for k in _MIRRORED if k in s}}
+        for s in reversed(list(stages))
+    ]
+    if len(out) >= 2:
+        out[-2]["norm"] = "none"  # tanh saturated after a batch-normalised input (method.md §2)
+    out[-1]["kind"] = "synthesis"
+    return out
+
+
+def register_resolvers() -> None:
+    """Register ``csc_stages`` and ``csc_mirror`` with OmegaConf (done on importing
+    :mod:`ctrl_csc.models`; the ``conf/model/csc/`` bases use them)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, DictConfig | ListConfig):
+            return OmegaConf.to_container(value, resolve=True)
+        return value
+
+    # returned as a ListConfig, so that a stage reads like any config node (stages[0].kind)
+    OmegaConf.register_new_resolver(
+        "csc_stages",
+        lambda w, first=None: OmegaConf.create(encoder_stages(plain(w), plain(first))),
+        replace=True,
+    )
+    OmegaConf.register_new_resolver(
+        "csc_mirror",
+        lambda stages: OmegaConf.create(mirrored_stages(plain(stages))),
+        replace=True,
+    )

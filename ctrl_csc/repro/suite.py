@@ -83,17 +83,9 @@ class Evaluation:
 
 
 def _stages(n: int) -> dict[str, Any]:
-    """``csc_ctrl_mini`` cut to its first ``n`` CSC stages (the decoder mirrors them)."""
-    enc = [
-        {"out_channels": 32, "stride": 2, "init_std": 0.05},
-        {"out_channels": 64, "stride": 2},
-        {"out_channels": 128, "stride": 2},
-    ][:n]
-    dec = [{"in_channels": s["out_channels"], "stride": 2} for s in reversed(enc)]
-    dec[-1]["kind"] = "synthesis"
-    if n >= 2:
-        dec[-2]["norm"] = "none"  # no norm before the last synthesis stage (notes §2)
-    return {"model": {"encoder": {"stages": enc}, "decoder": {"stages": dec}}}
+    """``csc_ctrl_mini`` cut to its first ``n`` CSC stages (the decoder mirrors them:
+    conf/model/csc/decoder.yaml)."""
+    return {"model": {"widths": [32, 64, 128][:n]}}
 
 
 def _solver(n_iter: int, algorithm: str) -> dict[str, Any]:
