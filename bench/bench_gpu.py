@@ -52,14 +52,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
-from ctrl_csc.cli.common import build_models
+from ctrl_csc.cli.common import build_models, compose_model
 from ctrl_csc.engine import CTRLStep, Game, build_loader
 from ctrl_csc.engine.distributed import DistContext
 from ctrl_csc.losses import CTRLObjective
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 CHANNELS = 3
 PAIRS = {32: ("csc_ctrl_32", "dcgan_ctrl_32"), 128: ("csc_ctrl_128", "sngan_ctrl_128")}
 SMOKE_PAIRS = {32: ("csc_ctrl_mini", "dcgan_ctrl_mini")}
@@ -67,11 +65,9 @@ BATCH = {32: 128, 128: 32}  # per GPU: the 32 px batch of a CIFAR-10 step, 128 p
 
 
 def build(name: str, image_size: int, device: torch.device):
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
-    root = OmegaConf.create({"dataset": {"channels": CHANNELS, "image_size": image_size}})
-    root.model = cfg
+    cfg = compose_model(name, CHANNELS, image_size)
     torch.manual_seed(0)
-    return build_models(root.model, device)
+    return build_models(cfg, device)
 
 
 def n_params(*modules) -> int:

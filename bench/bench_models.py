@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
+from ctrl_csc.cli.common import compose_model
 from ctrl_csc.models import count_parameters
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -42,10 +42,8 @@ def geometry(path: Path) -> tuple[int, int]:
 
 
 def build(path: Path, channels: int, image_size: int):
-    cfg = OmegaConf.load(path)
-    root = OmegaConf.create({"dataset": {"channels": channels, "image_size": image_size}})
-    root.model = cfg
-    return cfg, instantiate(root.model.encoder), instantiate(root.model.decoder)
+    cfg = compose_model(path.stem, channels, image_size)
+    return cfg, instantiate(cfg.encoder), instantiate(cfg.decoder)
 
 
 def step(enc, dec, x: torch.Tensor) -> None:

@@ -52,14 +52,13 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from ctrl_csc.cli.common import compose_model
 from ctrl_csc.engine import CTRLStep, Game
 from ctrl_csc.engine.checkpoint import rng_state
 from ctrl_csc.engine.distributed import DistContext
@@ -68,7 +67,6 @@ from ctrl_csc.losses import CTRLObjective
 from ctrl_csc.nn import CSCLayer, SparseDeconvLayer
 from ctrl_csc.nn.stage import transposed_output_padding
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 REFERENCE_POWER_ITERS = 20
 NUM_CLASSES = 10
 EPS_SQ = 0.5
@@ -348,13 +346,9 @@ def loop_objective_fn(variant: str, distance: str) -> Objective:
 
 
 def build(model: str, channels: int, size: int, seed: int = 0) -> tuple[nn.Module, nn.Module]:
-    cfg = OmegaConf.load(CONF / f"{model}.yaml")
-    root = OmegaConf.create(
-        {"dataset": {"channels": channels, "image_size": size, "num_classes": NUM_CLASSES}}
-    )
-    root.model = cfg
+    cfg = compose_model(model, channels, size, f"dataset.num_classes={NUM_CLASSES}")
     torch.manual_seed(seed)
-    return instantiate(root.model.encoder), instantiate(root.model.decoder)
+    return instantiate(cfg.encoder), instantiate(cfg.decoder)
 
 
 def adam(module: nn.Module) -> torch.optim.Optimizer:

@@ -121,7 +121,7 @@ def dense_residuals(encoder, initial, x):
     with ``u`` the stage's input in ``encoder`` (image, then ``relu(z_0)``) and ``z`` dense
     float64 codes of ``u`` with the learned / initial unit-norm atoms."""
     with torch.no_grad():
-        codes = encoder.encode_codes(x)
+        codes = encoder.stage_outputs(x)
     inputs = [x, torch.relu(codes[0])]
     out = []
     for (i, layer), (_, layer0), u in zip(csc_stages(encoder), csc_stages(initial), inputs):

@@ -12,20 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from ctrl_csc.cli.common import build_models
+from ctrl_csc.cli.common import build_models, compose_model
 from ctrl_csc.losses import CTRLObjective
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf" / "model"
 
 
 def build(name, channels, image_size, device):
-    root = OmegaConf.create({"dataset": {"channels": channels, "image_size": image_size}})
-    root.model = OmegaConf.load(CONF / f"{name}.yaml")
+    model = compose_model(name, channels, image_size)
     torch.manual_seed(0)
-    return build_models(root.model, device)
+    return build_models(model, device)
 
 
 def images(n, channels, size, device):
@@ -45,10 +42,10 @@ def forward_record(f, g, x, autocast=None, channels_last=False):
         x = x.contiguous(memory_format=torch.channels_last)
     objective = CTRLObjective("samplewise", beta=10.0, distance="l2")
     with torch.no_grad(), autocast or nullcontext():
-        enc = f.encode_codes(x)
+        enc = f.stage_outputs(x)
         z = f(x)
-        # every decoding stage's output where the decoder reports them (CSC), else the image
-        dec = g.decode_codes(z) if hasattr(g, "decode_codes") else [g(z)]
+        # every decoding stage's output, the last one the image before its output activation
+        dec = g.stage_outputs(z)
         z_hat = f(g(z))
     terms = objective(z.float(), z_hat.float(), None)
     return {

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from model_configs import compose_model
 from omegaconf import OmegaConf
 
+from ctrl_csc.cli.common import compose_model
 from ctrl_csc.models import (
     Autoencoder,
     ConvDecoder,
@@ -248,12 +248,12 @@ def test_forward_with_codes_is_forward(run):
 def test_codes_nonnegative_where_configured(run):
     enc, dec = run["enc"], run["dec"]
     if not isinstance(enc, CSCEncoder):
-        codes = enc.encode_codes(run["x"])
+        codes = enc.stage_outputs(run["x"])
         assert len(codes) >= len(enc.stages)
         pytest.skip("not a CSC model")
     with torch.no_grad():
-        codes = enc.encode_codes(run["x"])
-        outs = dec.decode_codes(run["z"])
+        codes = enc.stage_outputs(run["x"])
+        outs = dec.stage_outputs(run["z"])
     assert [tuple(c.shape[1:]) for c in codes] == [
         (s.out_channels, *hw) for s, hw in zip(enc.specs, enc.code_sizes)
     ]
@@ -463,7 +463,7 @@ def test_encoder_without_projection_uses_its_last_code_as_the_feature():
     enc = CSCEncoder(1, 16, stages, feature_dim=4 * 4 * 4, norm="none", projection=False).eval()
     assert list(enc.parameters()) == [enc.stages[0].weight, enc.stages[1].weight]
     x = torch.rand(3, 1, 16, 16) * 2 - 1
-    codes = enc.encode_codes(x)
+    codes = enc.stage_outputs(x)
     z = enc(x)
     torch.testing.assert_close(z, torch.nn.functional.normalize(codes[-1].flatten(1), dim=1))
     with pytest.raises(ValueError, match="projection"):

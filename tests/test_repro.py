@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from model_configs import compose_model
 from omegaconf import OmegaConf
 
-from ctrl_csc.cli.common import config_dir
+from ctrl_csc.cli.common import compose_model, config_dir
 from ctrl_csc.repro import SCALES, evaluations, rows
 from ctrl_csc.repro.report import CLAIMS, Result
 from ctrl_csc.repro.runner import shards, write_config

@@ -32,6 +32,7 @@ __all__ = [
     "check_data_fits_model",
     "seed_all",
     "to_container",
+    "compose_model",
     "check_writable",
     "check_run_dir_arguments",
     "check_trainer_settings",
@@ -111,6 +112,21 @@ def config_dir() -> str:
         "ctrl_csc's configuration folder (conf/) was not found next to the "
         "package; reinstall ctrl_csc"
     )
+
+
+def compose_model(name: str, channels: int, image_size: int, *overrides: str) -> DictConfig:
+    """The ``model`` entry of the run config of ``model=name`` (a ``conf/model`` file) on images
+    of ``channels`` × ``image_size``², composed by Hydra and unresolved (the ``csc_ctrl_*`` files
+    start from ``conf/model/csc/base.yaml`` through a defaults list, so ``OmegaConf.load`` of one
+    file is not the model). ``overrides``: more Hydra overrides (``"model.lmbda=0.05"``)."""
+    from hydra import compose, initialize_config_dir
+
+    import ctrl_csc.models  # noqa: F401 - registers the configs' resolvers
+
+    size = f"dataset.image_size={image_size}"
+    args = [f"model={name}", f"dataset.channels={channels}", size, *overrides]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("train", overrides=args).model
 
 
 def seed_all(seed: int) -> None:

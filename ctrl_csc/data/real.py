@@ -1,5 +1,7 @@
-"""The real datasets of the paper's experiments: MNIST, CIFAR-10, STL-10, CelebA, LSUN-bedroom,
-ImageNet (ImageFolder layout) and any folder of class folders.
+"""The real datasets of the paper's experiments, read from their published files.
+
+MNIST, CIFAR-10, STL-10, CelebA, LSUN-bedroom, ImageNet (ImageFolder layout) and any folder of
+class folders.
 
 Default sizes follow the CTRL / CSC-CTRL experiments:
 - ``mnist`` 32 px: the CTRL reference code resizes MNIST's 28x28 digits to 32x32 so that MNIST and

@@ -1,5 +1,7 @@
-"""The closed-loop game as a training step sees it: the two players, their optimisers (built by
-:func:`build_optimizers`, with their learning-rate schedules), autocast and the finiteness check.
+"""The closed-loop game as a training step sees it.
+
+The two players, their optimisers (built by :func:`build_optimizers`, with their learning-rate
+schedules), autocast and the finiteness check.
 
 A step (:mod:`ctrl_csc.engine.steps`) is written against :class:`Game`; the
 :class:`~ctrl_csc.engine.Trainer` builds one and hands it to the step at every training step.

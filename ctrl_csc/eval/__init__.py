@@ -1,5 +1,4 @@
-"""Evaluation: reconstruction/feature metrics, dictionary metrics, the evaluation runner and
-visualisation.
+"""Evaluation of a trained pair: metrics, dictionaries, generation, the runner and pictures.
 
 See :mod:`ctrl_csc.eval.metrics`, :mod:`ctrl_csc.eval.dictionary` (and
 :mod:`ctrl_csc.eval.classical`), :mod:`ctrl_csc.eval.runner`

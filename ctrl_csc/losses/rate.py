@@ -1,5 +1,6 @@
-r"""Coding rate and rate reduction, exact and batched (docs/design.md, §6 "Coding rate and rate
-reduction").
+r"""Coding rate and rate reduction of features, exact and batched.
+
+The formulas: docs/design.md, §6 "Coding rate and rate reduction".
 
 For features ``Z`` of shape ``(n, d)`` (rows are samples) and ``eps_sq`` = ε²:
 

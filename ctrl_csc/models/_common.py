@@ -1,6 +1,7 @@
-"""Shared pieces of the encoders and decoders: size arithmetic, normalisation and activation
-layers, input validation, the per-stage codes and their densities (the denoising corruption is
-:func:`ctrl_csc.nn.add_noise`).
+"""What every encoder and decoder shares: their base classes and the pieces they are made of.
+
+Size arithmetic, normalisation and activation layers, input validation, the per-stage codes and
+their densities (the denoising corruption is :func:`ctrl_csc.nn.add_noise`).
 
 Every encoder in :mod:`ctrl_csc.models` maps images ``(N, C, H, W)`` in ``[-1, 1]`` to features
 ``(N, feature_dim)`` (on the unit sphere unless built with ``normalize=False``); every decoder maps
@@ -130,17 +131,13 @@ class _StagedModel(nn.Module):
 
     stages: nn.ModuleList
 
-    def __init__(
-        self, channels_name: str, channels: int, image_size: int | Sequence[int], feature_dim: int
-    ) -> None:
-        """Check and set the geometry: ``self.<channels_name>`` (the image channels, from
-        ``dataset.channels``), ``image_size`` ``(H, W)`` and ``feature_dim``."""
+    def __init__(self, image_size: int | Sequence[int], feature_dim: int) -> None:
+        """Check and set the geometry: ``image_size`` ``(H, W)`` and ``feature_dim`` (the image
+        channels are the subclass's: ``in_channels`` or ``out_channels``,
+        :func:`_image_channels`)."""
         super().__init__()
-        if channels < 1:
-            raise ValueError(f"{channels_name} (dataset.channels) must be >= 1, got {channels}")
         if feature_dim < 1:
             raise ValueError(f"feature_dim must be >= 1, got {feature_dim}")
-        setattr(self, channels_name, int(channels))
         self.image_size = as_size(image_size, "image_size (dataset.image_size)")
         self.feature_dim = int(feature_dim)
 
@@ -162,6 +159,21 @@ class _StagedModel(nn.Module):
         out = self._run(x, outs)
         return out, [o if code else None for o, code in zip(outs, self._is_code(), strict=True)]
 
+    def stage_outputs(self, x: Tensor) -> list[Tensor]:
+        """Every stage's output for ``x``, first stage first: the codes of
+        :meth:`forward_with_codes` and also the outputs that are not codes (a ``synthesis``
+        stage's; a decoder's last, the image before its output activation)."""
+        outs: list[Tensor] = []
+        self._run(x, outs)
+        return outs
+
+
+def _image_channels(channels: int, setting: str) -> int:
+    """The image channels of a model (``dataset.channels``), checked ``>= 1``."""
+    if channels < 1:
+        raise ValueError(f"{setting} (dataset.channels) must be >= 1, got {channels}")
+    return int(channels)
+
 
 class ImageEncoder(_StagedModel):
     """Base class of the encoders: geometry, input check, codes.
@@ -181,7 +193,8 @@ class ImageEncoder(_StagedModel):
     def __init__(
         self, in_channels: int, image_size: int | Sequence[int], feature_dim: int, normalize: bool
     ) -> None:
-        super().__init__("in_channels", in_channels, image_size, feature_dim)
+        super().__init__(image_size, feature_dim)
+        self.in_channels = _image_channels(in_channels, "in_channels")
         self.normalize = bool(normalize)
 
     def check_input(self, x: Tensor) -> None:
@@ -212,11 +225,6 @@ class ImageEncoder(_StagedModel):
         """``x`` ``(N, C, H, W)`` in ``[-1, 1]`` → features ``(N, feature_dim)`` (unit norm when
         ``normalize``)."""
         return self._run(x, None)
-
-    def encode_codes(self, x: Tensor) -> list[Tensor]:
-        """Every stage's code ``(N, C_i, H_i, W_i)`` for ``x``, first stage first (the codes of
-        :meth:`forward_with_codes`: every encoder stage outputs one)."""
-        return self.forward_with_codes(x)[1]  # type: ignore[return-value]
 
     def _run_blocks(self, x: Tensor, outs: list[Tensor] | None) -> Tensor:
         """Check ``x``, run the blocks of ``self.stages`` (appending each output to ``outs`` when
@@ -251,7 +259,8 @@ class ImageDecoder(_StagedModel):
     def __init__(
         self, out_channels: int, image_size: int | Sequence[int], feature_dim: int
     ) -> None:
-        super().__init__("out_channels", out_channels, image_size, feature_dim)
+        super().__init__(image_size, feature_dim)
+        self.out_channels = _image_channels(out_channels, "out_channels")
 
     def check_input(self, z: Tensor) -> None:
         """Raise ``ValueError`` unless ``z`` is ``(N, feature_dim)``."""

@@ -358,11 +358,3 @@ class CSCDecoder(ImageDecoder):
     def _is_code(self) -> list[bool]:
         """``inverse_csc`` stages output a sparse code; ``synthesis`` stages a plain synthesis."""
         return [layer.kind == "inverse_csc" for layer in self.stages]
-
-    def decode_codes(self, z: Tensor) -> list[Tensor]:
-        """Every stage's raw output for features ``z``: ``(N, C_j, H_j, W_j)``, coarse to fine (the
-        last is the image before the output activation), ``synthesis`` stages' included (where
-        :meth:`forward_with_codes` gives ``None``)."""
-        outs: list[Tensor] = []
-        self._run(z, outs)
-        return outs

@@ -1,5 +1,6 @@
-"""DCGAN-style CTRL backbones (the CTRL reference code's 32 px encoder/decoder), sizes computed
-from ``image_size`` so the same network takes 28 and 32 px.
+"""DCGAN-style CTRL backbones: the CTRL reference code's 32 px encoder and decoder.
+
+Sizes are computed from ``image_size`` so the same network takes 28 and 32 px.
 
 Encoder: ``Conv(4, stride 2, pad 1) + LeakyReLU(0.2)`` (no norm on the first block), then
 ``num_down - 1`` blocks ``Conv(4, 2, 1) + BatchNorm + LeakyReLU`` doubling the width, then a

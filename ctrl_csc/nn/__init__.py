@@ -1,5 +1,8 @@
-"""Pure-torch layers of CSC-CTRL: CSC and sparse deconvolution stages, their geometry and options
-(:mod:`ctrl_csc.nn.stage`), prox operators, solver."""
+"""Pure-torch layers of CSC-CTRL: its stages, their options and the solver they run.
+
+CSC and sparse deconvolution stages, their geometry and options (:mod:`ctrl_csc.nn.stage`), prox
+operators, the unrolled solver (:mod:`ctrl_csc.nn.solver` and the modules beside it).
+"""
 
 from .iteration import lasso_objective
 from .layers import CSCLayer, SparseDeconvLayer

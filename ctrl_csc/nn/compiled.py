@@ -1,5 +1,7 @@
-"""``torch.compile`` for the solver's iterations: whether it can run here, and one compiled
-segment per set of constants, kept for the process."""
+"""``torch.compile`` for the solver's iterations.
+
+Whether it can run here, and one compiled segment per set of constants, kept for the process.
+"""
 
 from __future__ import annotations
 

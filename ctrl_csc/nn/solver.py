@@ -1,6 +1,7 @@
-r"""The unrolled convolutional Lasso solver shared by every sparse-coding stage: the function that
-runs it (:func:`unrolled_lasso`, dispatching between its three backwards) and the module that owns
-its step size and threshold (:class:`UnrolledLasso`).
+r"""The unrolled convolutional Lasso solver that every sparse-coding stage runs.
+
+The function that runs it (:func:`unrolled_lasso`, dispatching between its three backwards) and
+the module that owns its step size and threshold (:class:`UnrolledLasso`).
 
 Problem (docs/design.md, §3 "The CSC stage"), for a linear operator ``A`` (the dictionary ``D``
 of a CSC stage, or the strided convolution ``B`` of an inverse-CSC decoder stage) and data ``u``::
