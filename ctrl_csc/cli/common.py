@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ __all__ = [
     "compose_model",
     "check_writable",
     "check_run_dir_arguments",
+    "check_stage_arguments",
     "check_trainer_settings",
     "check_model_settings",
     "seeded_subset",
@@ -204,6 +206,49 @@ def check_run_dir_arguments(argv: list[str], program: str) -> None:
                 f"choose another with {key}=PATH\n"
             )
             raise SystemExit(EXIT_USER_ERROR)
+
+
+_STAGE_ENTRY = re.compile(r"^[+~]*model\.(encoder|decoder)\.stages\.\d+[.=]")
+
+
+def check_stage_arguments(argv: list[str], program: str, config_name: str = "train") -> None:
+    """``model.encoder.stages.N.KEY=...`` on the command line where the chosen model makes that
+    list (the ``csc_ctrl_*`` configs: the encoder's stages from ``model.widths``, the decoder's
+    their mirror): Hydra would refuse the override with ``Key 'N' is not in struct``, so it is
+    refused first, with one line naming the settings that do change those stages, and
+    :data:`EXIT_USER_ERROR`. Anything it cannot compose is left to Hydra."""
+    entries = [a for a in argv[1:] if _STAGE_ENTRY.match(a)]
+    if not entries:
+        return
+    from hydra import compose, initialize_config_dir
+
+    import ctrl_csc.models  # noqa: F401 - registers the configs' resolvers
+
+    rest = [a for a in argv[1:] if "=" in a and not a.startswith(("-", "hydra."))]
+    rest = [a for a in rest if a not in entries]
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            model = compose(config_name, overrides=rest).get("model")
+    except Exception:  # noqa: BLE001 - a sweep's syntax, another error: Hydra reports it
+        return
+    for arg in entries:
+        role = _STAGE_ENTRY.match(arg).group(1)  # type: ignore[union-attr]
+        part = model.get(role) if model is not None else None
+        if part is None or not OmegaConf.is_interpolation(part, "stages"):
+            continue
+        made = (
+            "made from model.widths (each stage halves the resolution; model.first_stage adds "
+            "keys to the first)"
+            if role == "encoder"
+            else "the mirror of the encoder's stages"
+        )
+        sys.stderr.write(
+            f"{program}: {arg}: model.{role}.stages of model={model.get('name')} is {made}, so "
+            f"its entries cannot be set one by one; change model.widths=[...] or "
+            f"model.first_stage.KEY=..., every stage's model.{role}.stage_defaults.KEY=..., or "
+            f"give the whole list: 'model.{role}.stages=[{{...}},{{...}}]'\n"
+        )
+        raise SystemExit(EXIT_USER_ERROR)
 
 
 #: ``trainer.dtype``: the precision of the models' weights and of the training batches.

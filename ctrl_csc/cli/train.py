@@ -26,6 +26,7 @@ from ctrl_csc.cli.common import (
     build_models,
     check_data_fits_model,
     check_run_dir_arguments,
+    check_stage_arguments,
     check_trainer_settings,
     check_writable,
     config_dir,
@@ -246,6 +247,7 @@ def run(
 def main() -> None:
     """Console script ``ctrl-csc-train`` (Hydra's command line; see :func:`hydra_main`)."""
     check_run_dir_arguments(sys.argv, "ctrl-csc-train")  # Hydra creates it before we run
+    check_stage_arguments(sys.argv, "ctrl-csc-train")  # Hydra's refusal would not say what to set
     hydra_main()
 
 

@@ -291,6 +291,14 @@ _MODEL_NUMBERS = frozenset({"lmbda", "mu", "init_std", "lmbda_relative"})
 def check_model_settings(cfg: Any, where: str = "model") -> None:
     """A size that is not a positive integer, or a number that is a string, named by its setting
     (``model.encoder.stages.0.out_channels``) before any class sees it."""
+    widths = cfg.get("widths") if isinstance(cfg, dict) else None
+    if isinstance(widths, list):  # the csc_ctrl_* configs' stage widths, named as set
+        for i, w in enumerate(widths):
+            if not _is_int(w) or w < 1:
+                raise ValueError(
+                    f"{where}.widths[{i}] must be a positive integer, got {w!r}; set "
+                    f"{where}.widths=[N,...]"
+                )
     items = (
         cfg.items() if isinstance(cfg, dict) else enumerate(cfg) if isinstance(cfg, list) else ()
     )
