@@ -357,7 +357,7 @@ FAULTS = [
                                       "did you mean", "checkpoints/last.pt")),
     Fault("ckpt-other-architecture", "checkpoint", "a checkpoint of another architecture",
           ("trainer.resume={ckpt}", "trainer.resume_strict=false",
-           "model.encoder.stages.0.out_channels=16"),
+           "model.widths=[16,64,128]"),
           ("does not match the configured architecture", "different shapes", "model=")),
     Fault("ckpt-other-config", "checkpoint", "a checkpoint of another configuration",
           ("trainer.resume={ckpt}", "model.lmbda=0.05"),

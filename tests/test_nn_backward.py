@@ -199,9 +199,11 @@ def test_backward_option_reaches_the_solver_from_the_model_config():
 
     overrides = [
         "model=csc_ctrl_mini",
-        "+model.encoder.stages.0.backward=checkpoint",
+        "+model.first_stage.backward=checkpoint",  # the encoder's first stage
         "+model.encoder.stage_defaults.compile=false",
-        "+model.decoder.stages.1.backward=implicit",
+        "model.decoder.stages=[{in_channels:128,stride:2},"  # the decoder's own list
+        "{in_channels:64,stride:2,norm:none,backward:implicit},"
+        "{in_channels:32,stride:2,kind:synthesis}]",
     ]
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=overrides)

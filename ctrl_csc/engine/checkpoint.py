@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctrl_csc.models.specs import CONFIG_SHAPE_KEYS
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
@@ -239,15 +241,13 @@ def find_latest_checkpoint(root: str | os.PathLike) -> Path | None:
 #: continues only a run whose values of these agree (``trainer.resume_strict``).
 FINGERPRINT_SECTIONS = ("model", "loss", "optim", "dataset", "seed")
 #: Keys inside those sections (and what lies under them) left out: where the data are, not what
-#: they are; and the csc_ctrl_* configs' shape keys (conf/model/csc/base.yaml), which determine
-#: the model only through model.encoder / model.decoder, fingerprinted resolved (so runs saved
-#: before the configs had them still resume).
+#: they are; and the csc_ctrl_* configs' shape keys, which determine the model only through
+#: model.encoder / model.decoder, fingerprinted resolved (so runs saved before the configs had
+#: them still resume).
 _NOT_FINGERPRINTED = (
     "dataset.root",
     "dataset.download",
-    "model.widths",
-    "model.first_stage",
-    "model.kernel_size",
+    *(f"model.{k}" for k in CONFIG_SHAPE_KEYS),
 )
 
 

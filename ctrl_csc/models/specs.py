@@ -31,6 +31,7 @@ from ctrl_csc.nn.stage import (
 from ._common import ACTIVATIONS, NORMS
 
 __all__ = [
+    "CONFIG_SHAPE_KEYS",
     "CSCStageSpec",
     "DeconvStageSpec",
     "encoder_stages",
@@ -168,6 +169,10 @@ def parse_stages(
 
 
 # ---- the model configs' shape ------------------------------------------------------------------
+#: The model-level keys of the csc_ctrl_* configs' shape (conf/model/csc/base.yaml). They act
+#: only through the stages they make (model.encoder / model.decoder), which is how checkpoints
+#: and releases are compared: runs saved before these keys existed still match.
+CONFIG_SHAPE_KEYS = ("widths", "first_stage", "kernel_size")
 #: Geometry an encoder stage's mirror in the decoder keeps (the rest — λ, init_std… — is per role).
 _MIRRORED = ("stride", "kernel_size", "padding")
 

@@ -299,9 +299,12 @@ def check_model_settings(cfg: Any, where: str = "model") -> None:
                     f"{where}.widths[{i}] must be a positive integer, got {w!r}; set "
                     f"{where}.widths=[N,...]"
                 )
-    items = (
+    items = list(
         cfg.items() if isinstance(cfg, dict) else enumerate(cfg) if isinstance(cfg, list) else ()
     )
+    # a level's own values before what lies under it: a value copied down by an interpolation
+    # (model.lmbda into every stage_defaults) is named where the user set it
+    items.sort(key=lambda item: isinstance(item[1], dict | list))
     for key, value in items:
         name = f"{where}.{key}"
         if isinstance(value, dict | list):
