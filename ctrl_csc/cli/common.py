@@ -121,14 +121,19 @@ def compose_model(name: str, channels: int, image_size: int, *overrides: str) ->
     of ``channels`` × ``image_size``², composed by Hydra and unresolved (the ``csc_ctrl_*`` files
     start from ``conf/model/csc/base.yaml`` through a defaults list, so ``OmegaConf.load`` of one
     file is not the model). ``overrides``: more Hydra overrides (``"model.lmbda=0.05"``)."""
+    size = f"dataset.image_size={image_size}"
+    args = [f"model={name}", f"dataset.channels={channels}", size, *overrides]
+    return _compose("train", args).model
+
+
+def _compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """Hydra's composition of ``conf/<config_name>.yaml`` with ``overrides``, outside a run."""
     from hydra import compose, initialize_config_dir
 
     import ctrl_csc.models  # noqa: F401 - registers the configs' resolvers
 
-    size = f"dataset.image_size={image_size}"
-    args = [f"model={name}", f"dataset.channels={channels}", size, *overrides]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose("train", overrides=args).model
+        return compose(config_name, overrides=overrides)
 
 
 def seed_all(seed: int) -> None:
@@ -220,15 +225,10 @@ def check_stage_arguments(argv: list[str], program: str, config_name: str = "tra
     entries = [a for a in argv[1:] if _STAGE_ENTRY.match(a)]
     if not entries:
         return
-    from hydra import compose, initialize_config_dir
-
-    import ctrl_csc.models  # noqa: F401 - registers the configs' resolvers
-
     rest = [a for a in argv[1:] if "=" in a and not a.startswith(("-", "hydra."))]
     rest = [a for a in rest if a not in entries]
     try:
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            model = compose(config_name, overrides=rest).get("model")
+        model = _compose(config_name, rest).get("model")
     except Exception:  # noqa: BLE001 - a sweep's syntax, another error: Hydra reports it
         return
     for arg in entries:

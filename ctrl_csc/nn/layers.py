@@ -39,23 +39,39 @@ __all__ = ["CSCLayer", "SparseDeconvLayer", "conv_output_size", "transposed_outp
 _NORM_EPS = 1e-12
 
 
-def _stage_options(
-    owner: str,
+def _set_up_stage(
+    layer: nn.Module,
+    role: type[StageOptions],
     in_channels: int,
     out_channels: int,
-    role: type[StageOptions],
+    kernel_size: int | None,
     options: StageOptions | None,
     changes: dict,
 ) -> StageOptions:
-    """The layer's one options object: ``options`` (validated when it was made; the role's
-    defaults when ``None``) with ``changes``; the channels checked."""
+    """Give ``layer`` its one options object and the attributes both kinds of stage read from
+    it (channels checked, geometry, atom normalisation and scale); returns the options.
+
+    The options are ``options`` (validated when it was made; the role's defaults when ``None``)
+    with ``changes`` (``kernel_size`` given positionally among them)."""
+    owner = type(layer).__name__
     check_channels(in_channels, f"{owner}: in_channels")
     check_channels(out_channels, f"{owner}: out_channels")
     if options is None:
         options = role()
     elif not isinstance(options, role):
         raise ValueError(f"{owner}: options must be a {role.__name__}, got {options!r}")
-    return options.replaced(owner, **changes) if changes else options
+    if kernel_size is not None:
+        changes["kernel_size"] = kernel_size
+    opts = options.replaced(owner, **changes) if changes else options
+    layer.options = opts
+    layer.in_channels = in_channels
+    layer.out_channels = out_channels
+    layer.kernel_size = opts.kernel_size
+    layer.stride = opts.stride
+    layer.padding = default_padding(opts.kernel_size, opts.padding)
+    layer.normalize_atoms = bool(opts.normalize_atoms)
+    layer.init_std = None if opts.init_std is None else float(opts.init_std)
+    return opts
 
 
 def _check_input(x: Tensor, channels: int, owner: str, what: str) -> None:
@@ -125,19 +141,9 @@ class CSCLayer(nn.Module):
         **changes: Any,
     ) -> None:
         super().__init__()
-        if kernel_size is not None:
-            changes["kernel_size"] = kernel_size
-        opts = _stage_options(
-            "CSCLayer", in_channels, out_channels, EncoderStageOptions, options, changes
+        opts = _set_up_stage(
+            self, EncoderStageOptions, in_channels, out_channels, kernel_size, options, changes
         )
-        self.options = opts
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = opts.kernel_size
-        self.stride = opts.stride
-        self.padding = default_padding(opts.kernel_size, opts.padding)
-        self.normalize_atoms = bool(opts.normalize_atoms)
-        self.init_std = None if opts.init_std is None else float(opts.init_std)
         k = opts.kernel_size
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, k, k))
         self.solver = UnrolledLasso(out_channels, opts)
@@ -303,20 +309,10 @@ class SparseDeconvLayer(nn.Module):
         **changes: Any,
     ) -> None:
         super().__init__()
-        if kernel_size is not None:
-            changes["kernel_size"] = kernel_size
-        opts = _stage_options(
-            "SparseDeconvLayer", in_channels, out_channels, DecoderStageOptions, options, changes
+        opts = _set_up_stage(
+            self, DecoderStageOptions, in_channels, out_channels, kernel_size, options, changes
         )
-        self.options = opts
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = opts.kernel_size
-        self.stride = opts.stride
-        self.padding = default_padding(opts.kernel_size, opts.padding)
         self.kind = opts.kind
-        self.normalize_atoms = bool(opts.normalize_atoms)
-        self.init_std = None if opts.init_std is None else float(opts.init_std)
         k = opts.kernel_size
         self.weight = nn.Parameter(torch.empty(in_channels, out_channels, k, k))
         self.solver = UnrolledLasso(out_channels, opts) if opts.kind == "inverse_csc" else None

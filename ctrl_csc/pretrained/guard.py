@@ -286,28 +286,31 @@ _MODEL_SIZES = frozenset(
      "feature_dim", "hidden_channels", "base_channels"}
 )  # fmt: skip
 _MODEL_NUMBERS = frozenset({"lmbda", "mu", "init_std", "lmbda_relative"})
+#: Model settings that are lists of sizes (the csc_ctrl_* configs' stage widths).
+_SIZE_LISTS = frozenset({"widths"})
 
 
 def check_model_settings(cfg: Any, where: str = "model") -> None:
     """A size that is not a positive integer, or a number that is a string, named by its setting
     (``model.encoder.stages.0.out_channels``) before any class sees it."""
-    widths = cfg.get("widths") if isinstance(cfg, dict) else None
-    if isinstance(widths, list):  # the csc_ctrl_* configs' stage widths, named as set
-        for i, w in enumerate(widths):
-            if not _is_int(w) or w < 1:
-                raise ValueError(
-                    f"{where}.widths[{i}] must be a positive integer, got {w!r}; set "
-                    f"{where}.widths=[N,...]"
-                )
     items = list(
         cfg.items() if isinstance(cfg, dict) else enumerate(cfg) if isinstance(cfg, list) else ()
     )
-    # a level's own values before what lies under it: a value copied down by an interpolation
-    # (model.lmbda into every stage_defaults) is named where the user set it
-    items.sort(key=lambda item: isinstance(item[1], dict | list))
+    # a level's own values, then its lists of sizes, then what lies below: a value copied down
+    # by an interpolation (model.lmbda into every stage_defaults, model.widths into the stages)
+    # is named where the user set it
+    items.sort(
+        key=lambda kv: 0 if not isinstance(kv[1], dict | list) else 2 - (kv[0] in _SIZE_LISTS)
+    )
     for key, value in items:
         name = f"{where}.{key}"
-        if isinstance(value, dict | list):
+        if key in _SIZE_LISTS and isinstance(value, list):
+            for i, size in enumerate(value):
+                if not _is_int(size) or size < 1:
+                    raise ValueError(
+                        f"{name}[{i}] must be a positive integer, got {size!r}; set {name}=[N,...]"
+                    )
+        elif isinstance(value, dict | list):
             check_model_settings(value, name)
         elif value is None:
             continue
