@@ -118,6 +118,7 @@ def test_report_of_an_identity_autoencoder(sphere):
     )  # fmt: skip
     assert report.metrics["consistency/samples"] == 1.0
     assert report.metrics["consistency/reconstructions"] == 1.0
+    assert report.metrics["consistency/real"] == 1.0
     assert report.metrics["consistency/random"] < 0.6
     assert report.samples.shape == (K * 5, D, 1, 1)
     assert report.traversals.shape == (K, 2 * 4, D, 1, 1)
@@ -182,5 +183,5 @@ def test_generation_fits_on_the_probe_features_without_encoding_them_again(tmp_p
     monkeypatch.setattr(eval_cli, "encode_loader", encoded_twice)
     with_probe = run("[psnr,nearest_subspace]", "with_probe")
     keys = [k for k in alone if k.startswith("consistency/")]
-    assert len(keys) == 3
+    assert len(keys) == 4
     assert {k: with_probe[k] for k in keys} == {k: alone[k] for k in keys}

@@ -245,10 +245,10 @@ def test_smoke_suite_end_to_end(tmp_path):
     for row in suite:
         assert f"| {row.name} |" in readme
     generation = (out / "generation.md").read_text()
-    for family in FAMILIES:  # a row of three consistency fractions per family and data kind
+    for family in FAMILIES:  # a row of four consistency fractions per family and data kind
         cells = re.findall(rf"\| {re.escape(FAMILY_LABELS[family])} \|([^\n]*)", generation)
         assert len(cells) == 2, family
-        assert all(0 <= float(v) <= 1 for c in cells for v in c.split("|")[:3]), cells
+        assert all(0 <= float(v) <= 1 for c in cells for v in c.split("|")[:4]), cells
     for name in ("reconstruction.md", "unseen.md", "ablations.md", "stability.md",
                  "stability.png", "csc_ctrl_mnist_dictionary.png"):  # fmt: skip
         assert (out / name).stat().st_size > 0, name

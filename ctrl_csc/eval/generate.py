@@ -19,9 +19,11 @@ autoencoders') are used as they are, and interpolated along the chord.
 **Class consistency** (:func:`class_consistency`): re-encode each decoded image and classify its
 feature by the nearest class subspace fitted on real training features
 (:func:`~ctrl_csc.eval.metrics.nearest_subspace_predict`); the fraction that lands in the class
-it was generated from. :func:`generation_report` gives it for samples, for reconstructions of
-real images (the ceiling) and for decoded random features (the floor: uniform on the sphere, or
-Gaussian with the features' per-coordinate mean and spread; each with a random class).
+it was generated from. :func:`generation_report` gives it for samples, for the real held-out
+images themselves (the encoder's own accuracy: what no decoded image can exceed on average), for
+their reconstructions (what the decoder keeps of it) and for decoded random features (the floor:
+uniform on the sphere, or Gaussian with the features' per-coordinate mean and spread; each with a
+random class).
 """
 
 from __future__ import annotations
@@ -219,10 +221,11 @@ def class_consistency(
 @dataclass
 class GenerationReport:
     """What :func:`generation_report` returns: ``metrics`` (``consistency/samples``,
-    ``consistency/reconstructions``, ``consistency/random``), the decoded ``samples`` with their
-    ``sample_labels``, ``traversals`` ``(classes, directions·steps, C, H, W)`` and
-    ``interpolations`` ``(pairs, steps, C, H, W)`` (CPU, ``[-1, 1]``) with each pair's two
-    labels ``pair_labels`` (``None`` without test labels) and the fitted class ``models``."""
+    ``consistency/real``, ``consistency/reconstructions``, ``consistency/random``), the decoded
+    ``samples`` with their ``sample_labels``, ``traversals``
+    ``(classes, directions·steps, C, H, W)`` and ``interpolations`` ``(pairs, steps, C, H, W)``
+    (CPU, ``[-1, 1]``) with each pair's two labels ``pair_labels`` (``None`` without test
+    labels) and the fitted class ``models``."""
 
     metrics: dict[str, float]
     samples: Tensor
@@ -278,7 +281,10 @@ def generation_report(
         fitted = (train_features, train_labels, n_components, device)
         metrics["consistency/samples"] = class_consistency(encoder, x_s, y_s, *fitted)
         if test_labels is not None:
-            x_r = _decode(decoder, _encode(encoder, test_images, device), device)
+            z_real = _encode(encoder, test_images, device)
+            pred = nearest_subspace_predict(train_features, train_labels, z_real, n_components)
+            metrics["consistency/real"] = float((pred == test_labels.cpu().long()).double().mean())
+            x_r = _decode(decoder, z_real, device)
             metrics["consistency/reconstructions"] = class_consistency(
                 encoder, x_r, test_labels, *fitted
             )

@@ -212,10 +212,16 @@ def generation_table(results: dict[str, Result]) -> str:
         t = r.test
         if "consistency/samples" not in t:
             return None
-        keys = ("samples", "reconstructions", "random")
+        keys = ("samples", "real", "reconstructions", "random")
         return [label, *(_f(t.get(f"consistency/{k}"), 3) for k in keys)]
 
-    header = ["model", "samples", "reconstructions (ceiling)", "random points (floor)"]
+    header = [
+        "model",
+        "samples",
+        "real images (ceiling)",
+        "reconstructions",
+        "random points (floor)",
+    ]
     return _per_data_kind(results, header, row_of)
 
 
@@ -622,7 +628,8 @@ def write_report(
         "from each class's Gaussian (projected to the sphere where the encoder's features lie "
         "on it) and decoded, then re-encoded and classified by the nearest class subspace. The "
         "fraction classified as the class they were drawn from, beside the same measure for "
-        "reconstructions of held-out images and for decoded random points (for the "
+        "the held-out images themselves (the encoder's own accuracy), their reconstructions "
+        "and decoded random points (for the "
         "autoencoders, whose features are not on a sphere: Gaussian points with the training "
         "features' mean and spread). Chance is 1 / the number of classes (digits 0.10, photos "
         "0.20); `ctrl_csc.eval.generate`.\n" + generation_table(results),
