@@ -12,6 +12,9 @@ this critic are not the images.
     python experiments/invert_critic.py CHECKPOINT --steps 1500 --fresh --picture inv.png
 
 ``--picture``: 24 held-out inputs above their inversions. experiments/notes/photos.md §12.
+``--pixel`` trains the decoder on the pixel error instead: not the game, a probe of how much of
+the image the frozen features hold; ``--then-game N`` then trains that decoder N steps on the
+game's objective against the same frozen critic (§14).
 """
 
 from __future__ import annotations
@@ -45,6 +48,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--fresh", action="store_true", help="a decoder at new random weights")
+    ap.add_argument(
+        "--pixel",
+        action="store_true",
+        help="train the decoder on ‖g(f(x)) − x‖² instead (a probe of what the frozen features "
+        "hold about the image, not the game)",
+    )
+    ap.add_argument(
+        "--then-game",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="after --pixel, train the same decoder this many steps on the game's objective "
+        "(does the game keep the probe's images?)",
+    )
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--picture", default=None)
     args = ap.parse_args()
@@ -62,8 +79,6 @@ def main() -> None:
     o = cfg["loss"].get("objective") or {"eps_sq": 0.5, "beta": 10.0, "distance": "l2"}
     objective = CTRLObjective("samplewise", eps_sq=o["eps_sq"], beta=o["beta"],
                               distance=o["distance"], encoder_beta=0.0)  # fmt: skip
-    opt = torch.optim.Adam(g.parameters(), lr=args.lr, betas=(0.5, 0.999))
-    decay = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, args.steps)
 
     def evaluate() -> str:
         g.eval()
@@ -77,22 +92,39 @@ def main() -> None:
 
     print("start", evaluate(), flush=True)
     gen = torch.Generator().manual_seed(0)
-    for step in range(1, args.steps + 1):
-        x = x_train[torch.randint(len(x_train), (128,), generator=gen)]
-        with torch.no_grad():
-            z = f(x)
-        loss = objective(z, f(g(z)), None).decoder_total
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        decay.step()
-        if step % args.every == 0 or step == args.steps:
-            print(step, evaluate(), flush=True)
-    if args.picture:
+
+    def train(steps: int, pixel: bool, label: str) -> None:
+        opt = torch.optim.Adam(g.parameters(), lr=args.lr, betas=(0.5, 0.999))
+        decay = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, steps)
+        for step in range(1, steps + 1):
+            x = x_train[torch.randint(len(x_train), (128,), generator=gen)]
+            with torch.no_grad():
+                z = f(x)
+            if pixel:
+                loss = (g(z) - x).pow(2).flatten(1).sum(1).mean()
+            else:
+                loss = objective(z, f(g(z)), None).decoder_total
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            decay.step()
+            if step % args.every == 0 or step == steps:
+                print(label, step, evaluate(), flush=True)
+
+    def picture(path: str) -> None:
         g.eval()
         shown = x_test[:: max(1, len(x_test) // 24)][:24]
         with torch.no_grad():
-            save_image(torch.cat([shown, g(f(shown))]) * 0.5 + 0.5, args.picture, nrow=24)
+            save_image(torch.cat([shown, g(f(shown))]) * 0.5 + 0.5, path, nrow=24)
+        g.train()
+
+    train(args.steps, args.pixel, "pixel" if args.pixel else "game")
+    if args.pixel and args.then_game:
+        if args.picture:
+            picture(args.picture.removesuffix(".png") + "_pixel.png")
+        train(args.then_game, False, "then game")
+    if args.picture:
+        picture(args.picture)
 
 
 if __name__ == "__main__":

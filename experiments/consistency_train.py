@@ -1,0 +1,63 @@
+"""``ctrl-csc-train`` with u-CTRL's augmentation-consistency term in the encoder's objective.
+
+An experiment, not (yet) an option of the package. u-CTRL's constrained game asks
+``Σ_i ΔR(z_i, z_a,i) = 0`` of the encoder, ``z_a`` the feature of an augmented copy of the image
+(shared/REFERENCES.md; in practice an ℓ2 distance). Here the augmentation is a blur
+(``AUG_BLUR``: block averages enlarged back) and white Gaussian noise of standard deviation
+``AUG_SIGMA``, and the encoder also minimises
+``AUG_GAMMA · mean_i ‖f(x_i) − f(x_i + σ n_i)‖²`` (``x`` and its noisy copy encoded as one batch,
+running statistics untouched). The hypothesis (experiments/notes/photos.md §14): the trained
+critic rates a 26 dB blur of a crop farther than 16 dB of added noise, so the decoder matches the
+features' texture energy with speckle; a critic that does not see such noise, or does not
+demand the fine detail a blur removes, takes that away.
+
+    AUG_BLUR=2 AUG_SIGMA=0 AUG_GAMMA=10 \
+        python experiments/consistency_train.py experiment=photos_mini
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ctrl_csc.engine import steps
+
+_SIGMA = float(os.environ.get("AUG_SIGMA", "0.2"))
+_GAMMA = float(os.environ.get("AUG_GAMMA", "10"))
+_BLUR = int(os.environ.get("AUG_BLUR", "1"))
+
+
+def augment(x: torch.Tensor) -> torch.Tensor:
+    """``x`` averaged over ``AUG_BLUR`` × ``AUG_BLUR`` blocks and enlarged back (bilinear), plus
+    white noise of standard deviation ``AUG_SIGMA``."""
+    if _BLUR > 1:
+        x = F.interpolate(F.avg_pool2d(x, _BLUR), scale_factor=_BLUR, mode="bilinear")
+    return x + _SIGMA * torch.randn_like(x) if _SIGMA > 0 else x
+
+
+_call = steps.CTRLStep.__call__
+
+
+def __call__(self, game, x, y):
+    update = game.update
+
+    def with_consistency(players, loss, last=False):
+        if tuple(players) == ("encoder",):
+            x_a = augment(x)
+            with steps.frozen_statistics(game.raw_encoder), game.autocast():
+                both = game.encoder(torch.cat([x, x_a]))
+            z, z_a = both[: len(x)].float(), both[len(x) :].float()
+            loss = loss + _GAMMA * (z - z_a).pow(2).sum(1).mean()
+        return update(players, loss, last)
+
+    game.update = with_consistency
+    try:
+        return _call(self, game, x, y)
+    finally:
+        del game.update
+
+
+steps.CTRLStep.__call__ = __call__
+from ctrl_csc.cli.train import main  # noqa: E402
+
+main()

@@ -1,0 +1,56 @@
+"""``ctrl-csc-train`` with the decoder's sample-wise term also taken on blurred copies.
+
+An experiment, not (yet) an option of the package. The decoder minimises, beside the game's
+``ΔR(Z, Ẑ) + β·mean ‖f(x) − f(x̂)‖²``, the same distance between the features of low-passed
+images, ``MS_BETA · Σ_s mean ‖f(L_s x) − f(L_s x̂)‖²``, ``L_s`` the ``s × s`` block average
+enlarged back (bilinear), for each ``s`` in ``MS_SCALES`` — the multi-scale critic of image GANs,
+with the game's own encoder as the critic at every scale (no pixel loss, no other network). The
+hypothesis (experiments/notes/photos.md §14): the trained critic rates a 26 dB blur of a crop
+farther than 16 dB of noise, so the decoder matches fine-scale energy with speckle; speckle
+vanishes under ``L_s``, so matching ``f(L_s x̂)`` to ``f(L_s x)`` asks for the coarse structure.
+
+    MS_SCALES=2,4 MS_BETA=10 python experiments/multiscale_train.py experiment=photos_mini
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ctrl_csc.engine import steps
+
+_SCALES = [int(s) for s in os.environ.get("MS_SCALES", "2,4").split(",")]
+_BETA = float(os.environ.get("MS_BETA", "10"))
+_call = steps.CTRLStep.__call__
+
+
+def lowpass(x, s):
+    return F.interpolate(F.avg_pool2d(x, s), scale_factor=s, mode="bilinear")
+
+
+def __call__(self, game, x, y):
+    update = game.update
+
+    def with_scales(players, loss, last=False):
+        if tuple(players) == ("decoder",):
+            f, g = game.raw_encoder, game.decoder
+            with steps.frozen_state(f), steps.frozen(f), game.autocast():
+                z = f(x).detach()
+                x_hat = g(z)
+                for s in _SCALES:
+                    both = f(torch.cat([lowpass(x, s), lowpass(x_hat, s)]))
+                    d = (both[: len(x)].detach() - both[len(x) :]).float().pow(2).sum(1).mean()
+                    loss = loss + _BETA * d
+        return update(players, loss, last)
+
+    game.update = with_scales
+    try:
+        return _call(self, game, x, y)
+    finally:
+        del game.update
+
+
+steps.CTRLStep.__call__ = __call__
+from ctrl_csc.cli.train import main  # noqa: E402
+
+main()
