@@ -19,6 +19,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from extra_term import train_with_term
 
 from ctrl_csc.engine import steps
 
@@ -35,29 +36,12 @@ def augment(x: torch.Tensor) -> torch.Tensor:
     return x + _SIGMA * torch.randn_like(x) if _SIGMA > 0 else x
 
 
-_call = steps.CTRLStep.__call__
+def consistency(game, x):
+    """``AUG_GAMMA · mean ‖f(x) − f(a(x))‖²``, both encoded as one batch."""
+    with steps.frozen_statistics(game.raw_encoder), game.autocast():
+        both = game.encoder(torch.cat([x, augment(x)]))
+    z, z_a = both[: len(x)].float(), both[len(x) :].float()
+    return _GAMMA * (z - z_a).pow(2).sum(1).mean()
 
 
-def __call__(self, game, x, y):
-    update = game.update
-
-    def with_consistency(players, loss, last=False):
-        if tuple(players) == ("encoder",):
-            x_a = augment(x)
-            with steps.frozen_statistics(game.raw_encoder), game.autocast():
-                both = game.encoder(torch.cat([x, x_a]))
-            z, z_a = both[: len(x)].float(), both[len(x) :].float()
-            loss = loss + _GAMMA * (z - z_a).pow(2).sum(1).mean()
-        return update(players, loss, last)
-
-    game.update = with_consistency
-    try:
-        return _call(self, game, x, y)
-    finally:
-        del game.update
-
-
-steps.CTRLStep.__call__ = __call__
-from ctrl_csc.cli.train import main  # noqa: E402
-
-main()
+train_with_term("encoder", consistency)

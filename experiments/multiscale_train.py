@@ -16,41 +16,28 @@ import os
 
 import torch
 import torch.nn.functional as F
+from extra_term import train_with_term
 
 from ctrl_csc.engine import steps
 
 _SCALES = [int(s) for s in os.environ.get("MS_SCALES", "2,4").split(",")]
 _BETA = float(os.environ.get("MS_BETA", "10"))
-_call = steps.CTRLStep.__call__
 
 
 def lowpass(x, s):
     return F.interpolate(F.avg_pool2d(x, s), scale_factor=s, mode="bilinear")
 
 
-def __call__(self, game, x, y):
-    update = game.update
-
-    def with_scales(players, loss, last=False):
-        if tuple(players) == ("decoder",):
-            f, g = game.raw_encoder, game.decoder
-            with steps.frozen_state(f), steps.frozen(f), game.autocast():
-                z = f(x).detach()
-                x_hat = g(z)
-                for s in _SCALES:
-                    both = f(torch.cat([lowpass(x, s), lowpass(x_hat, s)]))
-                    d = (both[: len(x)].detach() - both[len(x) :]).float().pow(2).sum(1).mean()
-                    loss = loss + _BETA * d
-        return update(players, loss, last)
-
-    game.update = with_scales
-    try:
-        return _call(self, game, x, y)
-    finally:
-        del game.update
+def scales(game, x):
+    """``MS_BETA · Σ_s mean ‖f(L_s x) − f(L_s x̂)‖²`` through the frozen encoder."""
+    f, g = game.raw_encoder, game.decoder
+    total = 0.0
+    with steps.frozen_state(f), steps.frozen(f), game.autocast():
+        x_hat = g(f(x).detach())
+        for s in _SCALES:
+            both = f(torch.cat([lowpass(x, s), lowpass(x_hat, s)]))
+            total = total + (both[: len(x)].detach() - both[len(x) :]).float().pow(2).sum(1).mean()
+    return _BETA * total
 
 
-steps.CTRLStep.__call__ = __call__
-from ctrl_csc.cli.train import main  # noqa: E402
-
-main()
+train_with_term("decoder", scales)
