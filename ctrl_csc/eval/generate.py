@@ -214,6 +214,11 @@ def class_consistency(
     class in ``labels`` (subspaces: top ``n_components`` singular vectors of each class's
     ``train_features``, as :func:`~ctrl_csc.eval.metrics.nearest_subspace_accuracy`)."""
     z = _encode(encoder, images, device)
+    return _in_class(z, labels, train_features, train_labels, n_components)
+
+
+def _in_class(z, labels, train_features, train_labels, n_components) -> float:
+    """The fraction of features ``z`` nearest to the subspace of their class in ``labels``."""
     pred = nearest_subspace_predict(train_features, train_labels, z, n_components)
     return float((pred == labels.cpu().long()).double().mean())
 
@@ -282,8 +287,9 @@ def generation_report(
         metrics["consistency/samples"] = class_consistency(encoder, x_s, y_s, *fitted)
         if test_labels is not None:
             z_real = _encode(encoder, test_images, device)
-            pred = nearest_subspace_predict(train_features, train_labels, z_real, n_components)
-            metrics["consistency/real"] = float((pred == test_labels.cpu().long()).double().mean())
+            metrics["consistency/real"] = _in_class(
+                z_real, test_labels, train_features, train_labels, n_components
+            )
             x_r = _decode(decoder, z_real, device)
             metrics["consistency/reconstructions"] = class_consistency(
                 encoder, x_r, test_labels, *fitted
