@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ctrl_csc.eval.metrics import nearest_subspace_predict
+from ctrl_csc.eval.metrics import nearest_subspace_accuracy
 
 __all__ = [
     "ClassModel",
@@ -214,13 +214,7 @@ def class_consistency(
     class in ``labels`` (subspaces: top ``n_components`` singular vectors of each class's
     ``train_features``, as :func:`~ctrl_csc.eval.metrics.nearest_subspace_accuracy`)."""
     z = _encode(encoder, images, device)
-    return _in_class(z, labels, train_features, train_labels, n_components)
-
-
-def _in_class(z, labels, train_features, train_labels, n_components) -> float:
-    """The fraction of features ``z`` nearest to the subspace of their class in ``labels``."""
-    pred = nearest_subspace_predict(train_features, train_labels, z, n_components)
-    return float((pred == labels.cpu().long()).double().mean())
+    return nearest_subspace_accuracy(train_features, train_labels, z, labels, n_components)
 
 
 @dataclass
@@ -287,8 +281,8 @@ def generation_report(
         metrics["consistency/samples"] = class_consistency(encoder, x_s, y_s, *fitted)
         if test_labels is not None:
             z_real = _encode(encoder, test_images, device)
-            metrics["consistency/real"] = _in_class(
-                z_real, test_labels, train_features, train_labels, n_components
+            metrics["consistency/real"] = nearest_subspace_accuracy(
+                train_features, train_labels, z_real, test_labels, n_components
             )
             x_r = _decode(decoder, z_real, device)
             metrics["consistency/reconstructions"] = class_consistency(
