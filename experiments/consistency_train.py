@@ -18,8 +18,8 @@ demand the fine detail a blur removes, takes that away.
 import os
 
 import torch
-import torch.nn.functional as F
 from extra_term import train_with_term
+from filters import block_average
 
 from ctrl_csc.engine import steps
 
@@ -32,7 +32,7 @@ def augment(x: torch.Tensor) -> torch.Tensor:
     """``x`` averaged over ``AUG_BLUR`` × ``AUG_BLUR`` blocks and enlarged back (bilinear), plus
     white noise of standard deviation ``AUG_SIGMA``."""
     if _BLUR > 1:
-        x = F.interpolate(F.avg_pool2d(x, _BLUR), scale_factor=_BLUR, mode="bilinear")
+        x = block_average(x, _BLUR)
     return x + _SIGMA * torch.randn_like(x) if _SIGMA > 0 else x
 
 

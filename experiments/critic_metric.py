@@ -12,25 +12,13 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import ctrl_csc
 from ctrl_csc.eval.metrics import psnr
 
 sys.path.insert(0, str(Path(__file__).parent))
+from filters import binomial_blur, block_average  # noqa: E402
 from invert_critic import images  # noqa: E402
-
-
-def blur(x: torch.Tensor) -> torch.Tensor:
-    """A 3 × 3 binomial filter, edges replicated."""
-    k = torch.tensor([1.0, 2.0, 1.0])
-    w = (k[:, None] * k[None, :] / 16.0).expand(x.shape[1], 1, 3, 3)
-    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), w, groups=x.shape[1])
-
-
-def blocks(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Averages over ``s × s`` blocks, enlarged back (bilinear)."""
-    return F.interpolate(F.avg_pool2d(x, s), scale_factor=s, mode="bilinear")
 
 
 def main() -> None:
@@ -48,13 +36,13 @@ def main() -> None:
             z = f(x)
             own = model.decoder(z)
             copies = {
-                "3×3 binomial blur": blur(x),
-                "2×2 block averages, enlarged": blocks(x, 2),
-                "4×4 block averages, enlarged": blocks(x, 4),
+                "3×3 binomial blur": binomial_blur(x),
+                "2×2 block averages, enlarged": block_average(x, 2),
+                "4×4 block averages, enlarged": block_average(x, 4),
                 "x + white noise, σ = 0.1": x + 0.1 * torch.randn_like(x),
                 "x + white noise, σ = 0.3": x + 0.3 * torch.randn_like(x),
                 "its own reconstruction": own,
-                "the same, 3×3 blurred": blur(own),
+                "the same, 3×3 blurred": binomial_blur(own),
             }
             print(f"{path}\n| x' | PSNR | D |\n|---|---|---|")
             for name, y in copies.items():

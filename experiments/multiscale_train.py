@@ -15,17 +15,13 @@ vanishes under ``L_s``, so matching ``f(L_s x̂)`` to ``f(L_s x)`` asks for the 
 import os
 
 import torch
-import torch.nn.functional as F
 from extra_term import train_with_term
+from filters import block_average
 
 from ctrl_csc.engine import steps
 
 _SCALES = [int(s) for s in os.environ.get("MS_SCALES", "2,4").split(",")]
 _BETA = float(os.environ.get("MS_BETA", "10"))
-
-
-def lowpass(x, s):
-    return F.interpolate(F.avg_pool2d(x, s), scale_factor=s, mode="bilinear")
 
 
 def scales(game, x):
@@ -35,7 +31,7 @@ def scales(game, x):
     with steps.frozen_state(f), steps.frozen(f), game.autocast():
         x_hat = g(f(x).detach())
         for s in _SCALES:
-            both = f(torch.cat([lowpass(x, s), lowpass(x_hat, s)]))
+            both = f(torch.cat([block_average(x, s), block_average(x_hat, s)]))
             total = total + (both[: len(x)].detach() - both[len(x) :]).float().pow(2).sum(1).mean()
     return _BETA * total
 
