@@ -16,13 +16,23 @@ from torch import nn
 
 from ctrl_csc.models import csc
 
-_init = csc.CSCEncoder.__init__
+_init, _orig_run = csc.CSCEncoder.__init__, csc.CSCEncoder._run
+
+
+class _ScaleInput(nn.Linear):
+    """The projection on ``[h / s, log s]``, ``s`` set by the encoder before each call."""
+
+    scale: torch.Tensor
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        s = self.scale[:, None]
+        return super().forward(torch.cat([h / s, s.log()], 1))
 
 
 def __init__(self, *args, **kwargs):
     _init(self, *args, **kwargs)
     old = self.projection
-    self.projection = nn.Linear(old.in_features + 1, old.out_features)
+    self.projection = _ScaleInput(old.in_features + 1, old.out_features)
     with torch.no_grad():
         self.projection.weight[:, :-1].copy_(old.weight)
         self.projection.weight[:, -1].mul_(float(kwargs.get("projection_init_scale", 0.1)))
@@ -30,16 +40,8 @@ def __init__(self, *args, **kwargs):
 
 
 def _run(self, x, outs):
-    self.check_input(x)
-    h = x
-    for layer, norm, act in zip(self.stages, self.norms, self.activations):
-        z = layer(h)
-        if outs is not None:
-            outs.append(z)
-        h = act(norm(z))
-    s = x.pow(2).mean((1, 2, 3)).add(1e-6).sqrt()
-    h = torch.cat([h.flatten(1) / s[:, None], s.log()[:, None]], 1)
-    return self._finish(self.projection(h))
+    self.projection.scale = x.pow(2).mean((1, 2, 3)).add(1e-6).sqrt()
+    return _orig_run(self, x, outs)
 
 
 def patch() -> None:
