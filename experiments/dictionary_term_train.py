@@ -16,6 +16,8 @@ import os
 import torch
 from extra_term import train_with_term
 
+from ctrl_csc.engine import steps
+
 _GAMMA = float(os.environ.get("DICT_GAMMA", "1"))
 
 
@@ -26,7 +28,7 @@ def dictionary_fit(game, x: torch.Tensor) -> torch.Tensor:
     h = x
     for layer, norm, act in zip(f.stages, f.norms, f.activations):
         u = h.detach()
-        with torch.no_grad():
+        with torch.no_grad(), steps.frozen_statistics(f):
             c = layer(u)
             h = act(norm(c))
         fit = layer.synthesize(c, u.shape[-2:]).flatten(1)
