@@ -24,13 +24,11 @@ _GAMMA = float(os.environ.get("DICT_GAMMA", "1"))
 def dictionary_fit(game, x: torch.Tensor) -> torch.Tensor:
     """``DICT_GAMMA · Σ_l mean_n (1 − cos²(u_l, D_l c_l))`` over the encoder's stages."""
     f = game.raw_encoder
+    with torch.no_grad(), steps.frozen_statistics(f):
+        codes = f.stage_outputs(x)
+        inputs = [x] + [act(norm(c)) for c, norm, act in zip(codes[:-1], f.norms, f.activations)]
     total = x.new_zeros(())
-    h = x
-    for layer, norm, act in zip(f.stages, f.norms, f.activations):
-        u = h.detach()
-        with torch.no_grad(), steps.frozen_statistics(f):
-            c = layer(u)
-            h = act(norm(c))
+    for layer, u, c in zip(f.stages, inputs, codes):
         fit = layer.synthesize(c, u.shape[-2:]).flatten(1)
         u = u.flatten(1)
         cos2 = (u * fit).sum(1).pow(2) / (u.pow(2).sum(1) * fit.pow(2).sum(1)).clamp_min(1e-12)

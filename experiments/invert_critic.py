@@ -52,26 +52,25 @@ class last_code(torch.nn.Module):  # noqa: N801 (used as a function of the encod
         self.dim = math.prod(encoder.code_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x
-        for layer, norm, act in zip(
-            self.encoder.stages, self.encoder.norms, self.encoder.activations
-        ):
-            h = act(norm(layer(h)))
-        return h.flatten(1)
+        f = self.encoder
+        return f.activations[-1](f.norms[-1](f.stage_outputs(x)[-1])).flatten(1)
 
 
-def _band_cross(a: torch.Tensor, b: torch.Tensor, bands: int = 4) -> list[float]:
-    """Mean per-pixel ⟨a, b⟩ in octave bands of spatial frequency, measured as
-    ``max(|k_y|, |k_x|)`` over Nyquist (the last band up to Nyquist, the first from 0); the bands
-    sum to the whole inner product (Parseval)."""
-    fa, fb = torch.fft.fft2(a.double()), torch.fft.fft2(b.double())
-    h, w = a.shape[-2:]
+def _spectrum(a: torch.Tensor) -> torch.Tensor:
+    return torch.fft.fft2(a.double())
+
+
+def _band_cross(fa: torch.Tensor, fb: torch.Tensor, bands: int = 4) -> list[float]:
+    """Mean per-pixel ⟨a, b⟩ from the spectra ``fa``, ``fb`` (:func:`_spectrum`) in octave bands
+    of spatial frequency, measured as ``max(|k_y|, |k_x|)`` over Nyquist (the last band up to
+    Nyquist, the first from 0); the bands sum to the whole inner product (Parseval)."""
+    h, w = fa.shape[-2:]
     ky = torch.fft.fftfreq(h).abs()[:, None]
     kx = torch.fft.fftfreq(w).abs()[None, :]
     radius = torch.maximum(ky, kx) * 2  # 1 at Nyquist
     edges = [0.0] + [2.0 ** (k - bands + 1) for k in range(bands)]
     edges[-1] = 1.01
-    prod = (fa * fb.conj()).real.sum((0, 1)) / (a.numel() * h * w)
+    prod = (fa * fb.conj()).real.sum((0, 1)) / (fa.numel() * h * w)
     return [float(prod[(radius >= lo) & (radius < hi)].sum()) for lo, hi in zip(edges, edges[1:])]
 
 
@@ -84,7 +83,8 @@ def against_own(x: torch.Tensor, mean: torch.Tensor, own: torch.Tensor) -> str:
     rows = ["| band (of Nyquist) | ‖x − m‖² | ‖x̂ − m‖² | corr(x − m, x̂ − m) | ‖x − x̂‖² |",
             "|---|---|---|---|---|"]  # fmt: skip
     names = ["0–1/8", "1/8–1/4", "1/4–1/2", "1/2–1", "all"]
-    ee, ss, es = _band_cross(e, e), _band_cross(s, s), _band_cross(e, s)
+    fe, fs = _spectrum(e), _spectrum(s)
+    ee, ss, es = _band_cross(fe, fe), _band_cross(fs, fs), _band_cross(fe, fs)
     ee, ss, es = ee + [sum(ee)], ss + [sum(ss)], es + [sum(es)]
     for name, a, b, c in zip(names, ee, ss, es):
         rows.append(
