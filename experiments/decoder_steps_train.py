@@ -18,16 +18,9 @@ _call = steps.CTRLStep.__call__
 
 def __call__(self, game, x, y):
     out = _call(self, game, x, y)
-    f_raw = game.raw_encoder
     labels = y if self.objective.needs_labels else None
     for _ in range(_EXTRA):
-        x_in = steps.add_noise(x, self.noise_std)
-        with steps.frozen_state(f_raw):
-            z, z_hat, code_term = self._decoder_pass(f_raw, game.decoder, x_in, game)
-        loss = self.objective(steps._wide(z), steps._wide(z_hat), labels).decoder_total
-        if code_term is not None:
-            loss = loss + code_term
-        game.update(("decoder",), loss, last=True)
+        self.decoder_phase(game, x, labels)
     return out
 
 

@@ -213,7 +213,7 @@ class CTRLStep:
 
     def __call__(self, game: Game, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         labels = y if self.objective.needs_labels else None
-        f, g = game.encoder, game.decoder  # DDP-wrapped where distributed
+        f = game.encoder  # DDP-wrapped where distributed
         f_raw, g_raw = game.raw_encoder, game.raw_decoder
 
         for _ in range(self.encoder_steps):
@@ -231,19 +231,27 @@ class CTRLStep:
             game.check_finite(terms.total, "encoder objective")
             game.update(("encoder",), -terms.total)  # the encoder maximises T
 
-        x_in = add_noise(x, self.noise_std)
-        with frozen_state(f_raw):
-            z, z_hat, code_term = self._decoder_pass(f_raw, g, x_in, game)
-        terms = self.objective(_wide(z), _wide(z_hat), labels)
-        loss = terms.decoder_total
+        terms, code_term = self.decoder_phase(game, x, labels)
         out = {f"objective/{k}": v for k, v in terms.as_dict().items()}
         if code_term is not None:
-            loss = loss + code_term
             out["objective/code_distance"] = code_term.detach()
+        return out
+
+    def decoder_phase(self, game: Game, x: torch.Tensor, labels: torch.Tensor | None):
+        """Phase 2 of the step (the class docstring): one decoder update, as the step's last
+        update. Returns the objective's record and the code term (``None`` without one)."""
+        x_in = add_noise(x, self.noise_std)
+        f_raw = game.raw_encoder
+        with frozen_state(f_raw):
+            z, z_hat, code_term = self._decoder_pass(f_raw, game.decoder, x_in, game)
+        terms = self.objective(_wide(z), _wide(z_hat), labels)
+        loss = terms.decoder_total
+        if code_term is not None:
+            loss = loss + code_term
         game.check_finite(loss, "decoder objective")
         # the decoder minimises its quantity; the step's last update (nothing to roll back after)
         game.update(("decoder",), loss, last=True)
-        return out
+        return terms, code_term
 
 
 def _pixel_loss(name: str):
