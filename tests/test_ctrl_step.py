@@ -509,3 +509,77 @@ def test_code_beta_is_checked():
     step = CTRLStep(obj, code_beta=[1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="has 3 weights but the encoder has 2 stages"):
         step.code_distance([torch.ones(2, 3)] * 2, [torch.zeros(2, 3)] * 2)
+
+
+def _misfit_written_out(f, x):
+    """``Σ_l mean_i (1 − cos²(u_l, D_l c_l))`` from the stages' codes, with the synthesis as
+    torch's own transposed convolution of each stage's unit-norm dictionary."""
+    with torch.no_grad():
+        codes = f.stage_outputs(x)
+    inputs = [x, *codes[:-1]]  # the stages of this encoder: no norm, identity activation
+    total = 0.0
+    for layer, u, c in zip(f.stages, inputs, codes, strict=True):
+        fit = nn.functional.conv_transpose2d(
+            c, layer.dictionary(), stride=layer.stride, padding=layer.padding
+        )
+        u, fit = u.flatten(1), fit.flatten(1)
+        cos = (u * fit).sum(1) / (u.norm(dim=1) * fit.norm(dim=1))
+        total = total + (1 - cos**2).mean()
+    return total
+
+
+def test_dictionary_fit_moves_the_encoders_dictionaries_only():
+    """With ``dictionary_beta`` the encoder descends ``−total + β Σ_l mean_i (1 − cos²(u_l,
+    D_l c_l))`` (written out here with torch's transposed convolution), whose second part reaches
+    the dictionaries alone: every other parameter of both players moves as in the plain game."""
+    from ctrl_csc.models import CSCDecoder, CSCEncoder
+
+    torch.manual_seed(0)
+    stages = [{"out_channels": 4, "stride": 2, "kernel_size": 4, "padding": 1}] * 2
+    f = CSCEncoder(1, 8, feature_dim=D, stages=stages).double()
+    g = CSCDecoder(1, 8, feature_dim=D, stages=[{"in_channels": 4, "stride": 2}] * 2).double()
+    obj = CTRLObjective(**VARIANTS["samplewise_l2"])
+    x, y = batch()
+    x = x.double()
+    with torch.no_grad():  # first use: each model estimates its step sizes for these sizes
+        g(f(x))
+    plain_f, plain_g = copy.deepcopy(f), copy.deepcopy(g)
+    CTRLStep(obj)(sgd_game(plain_f, plain_g), x, y)
+    ref_f = copy.deepcopy(f)
+    beta = 0.7
+    out = CTRLStep(obj, dictionary_beta=beta)(sgd_game(f, g), x, y)
+
+    from ctrl_csc.engine.steps import frozen_state
+
+    with torch.no_grad():  # the game's two passes, f(X) and f(X̂), each refresh the step sizes
+        ref_f(x), ref_f(x)
+    with frozen_state(ref_f):  # as the step runs it: no further refresh
+        misfit = _misfit_written_out(ref_f, x)
+    assert 0 < float(misfit.detach()) < 2  # a share of each of the two stages' inputs
+    assert out["objective/dictionary_misfit"] == pytest.approx(float(misfit.detach()), rel=1e-9)
+    dictionaries = {f"stages.{i}.weight" for i in range(2)}
+    params = dict(ref_f.named_parameters())
+    assert dictionaries <= params.keys()
+    grads = dict(
+        zip(params, torch.autograd.grad(beta * misfit, list(params.values()), allow_unused=True))
+    )
+    moved, plain = dict(f.named_parameters()), dict(plain_f.named_parameters())
+    for name, p in moved.items():
+        if name in dictionaries:  # the plain update, then the fit's gradient step
+            expected = plain[name].detach() - LR_F * grads[name]
+            assert grads[name].norm() > 0
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-9, atol=1e-12)
+        else:
+            assert grads[name] is None or not grads[name].any(), name
+            torch.testing.assert_close(p.detach(), plain[name].detach(), rtol=1e-9, atol=1e-12)
+
+
+def test_dictionary_beta_is_checked():
+    obj = CTRLObjective("samplewise")
+    for bad in (-1.0, [1.0], "1", True, float("nan")):
+        with pytest.raises(ValueError, match="loss.dictionary_beta must be a number >= 0"):
+            CTRLStep(obj, dictionary_beta=bad)
+    f, g = players("dcgan")
+    x, y = batch()
+    with pytest.raises(ValueError, match="DCGANEncoder has none; set loss.dictionary_beta=0"):
+        CTRLStep(obj, dictionary_beta=1.0)(sgd_game(f, g), x, y)

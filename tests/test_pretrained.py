@@ -160,16 +160,14 @@ def test_eval_refuses_a_pickled_payload(tmp_path):
 # command now starts from there and reached 18.43 dB (experiments/notes/sparse_deep.md §2).
 RELEASES = {"quickstart": ([], 6.0), "photos": (["experiment=photos_mini"], 4.0)}
 #: settings added after the releases were trained, with the default that leaves the run as it was
-ADDED_SINCE = {("loss", "code_beta"): 0.0}
+ADDED_SINCE = {("loss", "code_beta"): 0.0, ("loss", "dictionary_beta"): 0.0}
 
 
 @pytest.mark.parametrize("name", sorted(RELEASES))
 def test_the_shipped_models_are_present_and_runs_of_their_commands(name):
     assert set(PRETRAINED) == set(RELEASES) and PRETRAINED[name].is_file()
-    assert (
-        inspect.signature(CTRLStep).parameters["code_beta"].default
-        == ADDED_SINCE[("loss", "code_beta")]
-    )
+    for key in ("code_beta", "dictionary_beta"):
+        assert inspect.signature(CTRLStep).parameters[key].default == ADDED_SINCE[("loss", key)]
     _, config, metrics = read_release(PRETRAINED[name])
     overrides, margin = RELEASES[name]
     command = OmegaConf.to_container(compose_cfg("train", overrides), resolve=True)

@@ -228,6 +228,27 @@ class CSCEncoder(ImageEncoder):
             h = act(norm(z))
         return self._finish(self.projection(h.flatten(1)))
 
+    def dictionary_misfit(self, x: Tensor) -> Tensor:
+        """``Σ_l mean_i (1 − ⟨u, D_l c⟩² / (‖u‖² ‖D_l c‖²))``: for every stage ``l``, the share of
+        its input ``u`` (for image ``x_i``) that the synthesis ``D_l c`` of its own code misses at
+        the best scale. Inputs and codes are taken without gradient, so the value is
+        differentiable in the dictionaries alone: their fit to what each stage codes, which the
+        game itself does not ask for (:class:`~ctrl_csc.engine.CTRLStep`'s ``dictionary_beta``).
+        In training mode the stages' norms and solvers update their state as in ``forward``;
+        :class:`~ctrl_csc.engine.CTRLStep` runs it with that state frozen."""
+        with torch.no_grad():
+            codes = self.stage_outputs(x)
+            inputs = [x] + [
+                act(norm(c)) for c, norm, act in zip(codes[:-1], self.norms, self.activations)
+            ]
+        total = x.new_zeros((), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        for layer, u, c in zip(self.stages, inputs, codes, strict=True):
+            fit = layer.synthesize(c, u.shape[-2:]).flatten(1).to(total.dtype)
+            u = u.flatten(1).to(total.dtype)
+            cos2 = (u * fit).sum(1).pow(2) / (u.pow(2).sum(1) * fit.pow(2).sum(1)).clamp_min(1e-12)
+            total = total + (1 - cos2).mean()
+        return total
+
 
 class CSCDecoder(ImageDecoder):
     """CSC-CTRL decoder ``g``: features ``(N, feature_dim)`` → images ``(N, out_channels, H, W)``.
