@@ -7,6 +7,7 @@ once forward and backward at batch 2; the tests below read that one run.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from pathlib import Path
@@ -483,6 +484,43 @@ def test_projection_init_scale_scales_the_initial_weight_only():
             torch.testing.assert_close(value, want, rtol=0, atol=0, msg=name)
     with pytest.raises(ValueError, match="projection_init_scale"):
         CSCEncoder(1, 16, stages, feature_dim=8, projection_init_scale=-1.0)
+
+
+def test_projection_rate_keeps_the_features_and_slows_the_adam_step_of_the_weight():
+    """``projection_rate = r``: the same initial features as ``r = 1``, and after one Adam step
+    on the same loss the features of the encoder at ``r = 1`` whose projection weight took ``r``
+    times its own step, the rest (dictionaries, bias) its full step (Adam's first step is ``lr``
+    times the gradient's sign, whatever its scale)."""
+    stages = [{"out_channels": 4, "stride": 2}, {"out_channels": 8, "stride": 2}]
+    x = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(3)).double()
+    v = torch.randn(8, generator=torch.Generator().manual_seed(4)).double()
+    encoders, features = {}, {}
+    for rate in (1.0, 0.1):
+        torch.manual_seed(0)
+        enc = encoders[rate] = CSCEncoder(1, 16, stages, feature_dim=8, projection_rate=rate)
+        enc.double().eval()  # eval: the step sizes stay as estimated at the first forward
+        before = {k: t.detach().clone() for k, t in enc.named_parameters()}
+        z = features[rate] = enc(x)
+        opt = torch.optim.Adam(enc.parameters(), lr=1e-3, eps=1e-30)
+        (z @ v).sum().backward()
+        opt.step()
+        if rate == 1.0:  # the reference: the weight's step scaled by 0.1 after the fact
+            reference = copy.deepcopy(enc)
+            with torch.no_grad():
+                w = reference.projection.weight
+                w.copy_(before["projection.weight"] + 0.1 * (w - before["projection.weight"]))
+                assert (w - before["projection.weight"]).abs().max() > 0.5e-4  # it moved
+    # equal up to the float32 rounding of the stored initial weight (made in float32)
+    torch.testing.assert_close(features[0.1], features[1.0], rtol=2e-6, atol=1e-8)
+    with torch.no_grad():
+        got, want, unslowed = encoders[0.1](x), reference(x), encoders[1.0](x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+    assert (unslowed - want).abs().max() > 100 * (got - want).abs().max()
+    for bad in (0.0, -1.0, True):
+        with pytest.raises(ValueError, match="projection_rate must be a number > 0"):
+            CSCEncoder(1, 16, stages, feature_dim=8, projection_rate=bad)
+    with pytest.raises(ValueError, match="projection=false has none"):
+        CSCEncoder(1, 16, stages, feature_dim=128, projection=False, projection_rate=0.5)
 
 
 @pytest.mark.parametrize("n_iter", [1, 2, 5, 10])

@@ -147,6 +147,15 @@ class CSCEncoder(ImageEncoder):
             depth ``T``; with PyTorch's scale (1) the game on digits failed at ``T = 5``, and at
             ``T = 2`` with the bias set to zero; with 0.1 ``T = 2, 5, 10`` learn and ``T = 2``
             gains 1 dB (experiments/notes/sparse_deep.md §2).
+        projection_rate: the projection reads ``projection_rate · c`` (``c`` the flattened last
+            code), its initial weight divided by the same factor: the same initial features, and
+            an optimiser that moves every weight by about its learning rate per step, as Adam
+            does, turns the features ``projection_rate`` times slower (the bias as before). The
+            features' rate of turn grows with ``‖c‖₁``, and ISTA from zero makes the last code
+            larger with every step: on digits ~4.6x T = 2's at T = 5 and ~10x at T = 10. An
+            encoder at T = 10 rose to 17.4 dB and fell to 16.3 by step 500 at 1; at 0.1 it held
+            20.1 (T = 2: 21.3 at 1, 20.6 at 0.1; experiments/notes/sparse_deep.md §14). Set it
+            near T = 2's code scale over this encoder's: 1 at T = 2, ~0.2 at T = 5, ~0.1 at 10.
 
     Attributes:
         stages: ``nn.ModuleList`` of :class:`ctrl_csc.nn.CSCLayer` (the dictionaries are their
@@ -169,6 +178,7 @@ class CSCEncoder(ImageEncoder):
         stage_defaults: Mapping[str, Any] | None = None,
         projection: bool = True,
         projection_init_scale: float = 0.1,
+        projection_rate: float = 1.0,
     ) -> None:
         super().__init__(in_channels, image_size, feature_dim, normalize)
         from ctrl_csc.nn import CSCLayer
@@ -178,6 +188,16 @@ class CSCEncoder(ImageEncoder):
                 f"model.encoder.projection_init_scale must be a number >= 0, got "
                 f"{projection_init_scale!r}"
             )
+        if isinstance(projection_rate, bool) or not projection_rate > 0:
+            raise ValueError(
+                f"model.encoder.projection_rate must be a number > 0, got {projection_rate!r}"
+            )
+        if not projection and projection_rate != 1:
+            raise ValueError(
+                "model.encoder.projection_rate scales the projection's input, but "
+                "model.encoder.projection=false has none; leave projection_rate at 1"
+            )
+        self.projection_rate = float(projection_rate)
 
         stages, defaults = _stage_mappings(stages, stage_defaults)
         self.specs = parse_stages(stages, CSCStageSpec, "model.encoder.stages", defaults)
@@ -208,7 +228,7 @@ class CSCEncoder(ImageEncoder):
         if projection:
             self.projection: nn.Module = nn.Linear(flat, self.feature_dim)
             with torch.no_grad():
-                self.projection.weight.mul_(float(projection_init_scale))
+                self.projection.weight.mul_(float(projection_init_scale) / self.projection_rate)
         elif flat != self.feature_dim:
             raise ValueError(
                 f"model.encoder.projection=false makes the last code ({c}x{size[0]}x{size[1]} = "
@@ -226,7 +246,10 @@ class CSCEncoder(ImageEncoder):
             if outs is not None:
                 outs.append(z)
             h = act(norm(z))
-        return self._finish(self.projection(h.flatten(1)))
+        h = h.flatten(1)
+        return self._finish(
+            self.projection(h if self.projection_rate == 1 else h * self.projection_rate)
+        )
 
     def dictionary_misfit(self, x: Tensor) -> Tensor:
         """``Σ_l mean_i (1 − ⟨u, D_l c⟩² / (‖u‖² ‖D_l c‖²))``: for every stage ``l``, the share of
