@@ -462,23 +462,31 @@ def test_joint_batch_normalises_data_and_transcriptions_together():
     assert (flat(f2) - expected).norm() > 1e-3 * (expected - flat(ref_f)).norm()
 
 
-@pytest.mark.parametrize("code_beta", [2.0, [3.0, 0.0]])
-def test_code_consistency_term_is_added_to_the_decoders_quantity_only(code_beta):
-    """With ``code_beta`` the decoder descends ``decoder_total + Σ β_l mean_i ‖c_l(x_i) −
-    c_l(x̂_i)‖²/‖c_l(x_i)‖²`` (written out here from the encoder's codes); the encoder's update is
-    that of the plain game."""
+def csc_players_and_plain_step(encoder_stage):
+    """Two-stage float64 CSC players (encoder stages ``encoder_stage``), the sample-wise ℓ2
+    objective and a batch, each model's step sizes estimated; and a copy of the encoder after
+    one step of the plain game: ``(f, g, objective, x, y, plain_f)``."""
     from ctrl_csc.models import CSCDecoder, CSCEncoder
 
     torch.manual_seed(0)
-    f = CSCEncoder(1, 8, feature_dim=D, stages=[{"out_channels": 4, "stride": 2}] * 2).double()
+    f = CSCEncoder(1, 8, feature_dim=D, stages=[encoder_stage] * 2).double()
     g = CSCDecoder(1, 8, feature_dim=D, stages=[{"in_channels": 4, "stride": 2}] * 2).double()
     obj = CTRLObjective(**VARIANTS["samplewise_l2"])
     x, y = batch()
     x = x.double()
     with torch.no_grad():  # first use: each model estimates its step sizes for these sizes
         g(f(x))
-    plain_f, plain_g = copy.deepcopy(f), copy.deepcopy(g)
-    CTRLStep(obj)(sgd_game(plain_f, plain_g), x, y)
+    plain_f = copy.deepcopy(f)
+    CTRLStep(obj)(sgd_game(plain_f, copy.deepcopy(g)), x, y)
+    return f, g, obj, x, y, plain_f
+
+
+@pytest.mark.parametrize("code_beta", [2.0, [3.0, 0.0]])
+def test_code_consistency_term_is_added_to_the_decoders_quantity_only(code_beta):
+    """With ``code_beta`` the decoder descends ``decoder_total + Σ β_l mean_i ‖c_l(x_i) −
+    c_l(x̂_i)‖²/‖c_l(x_i)‖²`` (written out here from the encoder's codes); the encoder's update is
+    that of the plain game."""
+    f, g, obj, x, y, plain_f = csc_players_and_plain_step({"out_channels": 4, "stride": 2})
     ref_g = copy.deepcopy(g)
     out = CTRLStep(obj, code_beta=code_beta)(sgd_game(f, g), x, y)
     assert torch.equal(flat(f), flat(plain_f))  # the encoder's update is the game's
@@ -531,20 +539,9 @@ def _misfit_written_out(f, x):
 def test_dictionary_fit_moves_the_encoders_dictionaries_only():
     """With ``dictionary_beta`` the encoder descends ``−total + β Σ_l mean_i (1 − cos²(u_l,
     D_l c_l))`` (written out here with torch's transposed convolution), whose second part reaches
-    the dictionaries alone: every other parameter of both players moves as in the plain game."""
-    from ctrl_csc.models import CSCDecoder, CSCEncoder
-
-    torch.manual_seed(0)
-    stages = [{"out_channels": 4, "stride": 2, "kernel_size": 4, "padding": 1}] * 2
-    f = CSCEncoder(1, 8, feature_dim=D, stages=stages).double()
-    g = CSCDecoder(1, 8, feature_dim=D, stages=[{"in_channels": 4, "stride": 2}] * 2).double()
-    obj = CTRLObjective(**VARIANTS["samplewise_l2"])
-    x, y = batch()
-    x = x.double()
-    with torch.no_grad():  # first use: each model estimates its step sizes for these sizes
-        g(f(x))
-    plain_f, plain_g = copy.deepcopy(f), copy.deepcopy(g)
-    CTRLStep(obj)(sgd_game(plain_f, plain_g), x, y)
+    the dictionaries alone: every other parameter of the encoder moves as in the plain game."""
+    stage = {"out_channels": 4, "stride": 2, "kernel_size": 4, "padding": 1}
+    f, g, obj, x, y, plain_f = csc_players_and_plain_step(stage)
     ref_f = copy.deepcopy(f)
     beta = 0.7
     out = CTRLStep(obj, dictionary_beta=beta)(sgd_game(f, g), x, y)
