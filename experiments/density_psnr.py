@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -36,11 +37,18 @@ def main() -> None:
     fig = Figure(figsize=(6.5, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for spec in args.runs:
+    colours = matplotlib.colormaps["tab20"].colors  # one colour per run, up to 20
+    for i, spec in enumerate(args.runs):
         label, directory = spec.rsplit("=", 1)
         psnr, densities = read_run(directory)
         ax.plot(densities, [psnr] * len(densities), "-", color="0.8", zorder=1)
-        ax.scatter(densities, [psnr] * len(densities), label=f"{label} ({psnr:.2f} dB)", zorder=2)
+        ax.scatter(
+            densities,
+            [psnr] * len(densities),
+            label=f"{label} ({psnr:.2f} dB)",
+            color=colours[2 * i % 20 + 2 * i // 20 % 2],
+            zorder=2,
+        )
         print(f"{label}: {psnr:.2f} dB, densities " + " / ".join(f"{d:.2f}" for d in densities))
     ax.axvline(args.target, color="k", linestyle="--", linewidth=0.8)
     ax.set_xlabel("code density of each encoder stage (held-out)")

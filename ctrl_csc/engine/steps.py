@@ -140,9 +140,10 @@ class CTRLStep:
             (:meth:`~ctrl_csc.models.CSCEncoder.dictionary_misfit`), differentiable in the
             dictionaries only: the features, the projection and the decoder get the game's
             gradient alone. Needs an encoder with ``dictionary_misfit`` (a CSC encoder). On
-            digits, β = 1 lifted an encoder at T = 5 by ~0.5 dB to within 0.15 dB of T = 2 on
-            a three-seed mean, with sparser codes; nothing at T = 2 or on photos
-            (experiments/notes/sparse_deep.md §13).
+            digits, β = 1 lifted an encoder at T = 5 whose projection turned too fast for its
+            codes (``projection_rate`` 1) by ~0.4 dB, with sparser codes; at the matched rate
+            (0.2), at T = 2 and on photos it changed nothing beyond a seed's spread
+            (experiments/notes/sparse_deep.md §13, §14).
     """
 
     def __init__(
