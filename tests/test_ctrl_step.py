@@ -573,8 +573,8 @@ def test_dictionary_fit_moves_the_encoders_dictionaries_only():
 
 def test_dictionary_beta_is_checked():
     obj = CTRLObjective("samplewise")
-    for bad in (-1.0, [1.0], "1", True, float("nan")):
-        with pytest.raises(ValueError, match="loss.dictionary_beta must be a number >= 0"):
+    for bad in (-1.0, [1.0], "1", True, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="loss.dictionary_beta must be a finite number >= 0"):
             CTRLStep(obj, dictionary_beta=bad)
     f, g = players("dcgan")
     x, y = batch()

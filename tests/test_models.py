@@ -516,8 +516,8 @@ def test_projection_rate_keeps_the_features_and_slows_the_adam_step_of_the_weigh
         got, want, unslowed = encoders[0.1](x), reference(x), encoders[1.0](x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
     assert (unslowed - want).abs().max() > 100 * (got - want).abs().max()
-    for bad in (0.0, -1.0, True):
-        with pytest.raises(ValueError, match="projection_rate must be a number > 0"):
+    for bad in (0.0, -1.0, True, "0.1", float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="projection_rate must be a finite number > 0"):
             CSCEncoder(1, 16, stages, feature_dim=8, projection_rate=bad)
     with pytest.raises(ValueError, match="projection=false has none"):
         CSCEncoder(1, 16, stages, feature_dim=128, projection=False, projection_rate=0.5)

@@ -175,9 +175,11 @@ class CTRLStep:
         if (
             isinstance(dictionary_beta, bool)
             or not isinstance(dictionary_beta, int | float)
-            or not dictionary_beta >= 0
+            or not 0 <= dictionary_beta < float("inf")
         ):
-            raise ValueError(f"loss.dictionary_beta must be a number >= 0, got {dictionary_beta!r}")
+            raise ValueError(
+                f"loss.dictionary_beta must be a finite number >= 0, got {dictionary_beta!r}"
+            )
         self.dictionary_beta = float(dictionary_beta)
 
     def _encode_pair(self, f: nn.Module, x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor):

@@ -188,9 +188,14 @@ class CSCEncoder(ImageEncoder):
                 f"model.encoder.projection_init_scale must be a number >= 0, got "
                 f"{projection_init_scale!r}"
             )
-        if isinstance(projection_rate, bool) or not projection_rate > 0:
+        if (
+            isinstance(projection_rate, bool)
+            or not isinstance(projection_rate, int | float)
+            or not 0 < projection_rate < float("inf")
+        ):
             raise ValueError(
-                f"model.encoder.projection_rate must be a number > 0, got {projection_rate!r}"
+                f"model.encoder.projection_rate must be a finite number > 0, got "
+                f"{projection_rate!r}"
             )
         if not projection and projection_rate != 1:
             raise ValueError(
