@@ -37,7 +37,9 @@ def main() -> None:
     fig = Figure(figsize=(6.5, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    colours = matplotlib.colormaps["tab20"].colors  # one colour per run, up to 20
+    # one colour per run, up to 20: tab20's ten dark shades first, then their light pairs
+    tab20 = matplotlib.colormaps["tab20"].colors
+    colours = tab20[0::2] + tab20[1::2]
     for i, spec in enumerate(args.runs):
         label, directory = spec.rsplit("=", 1)
         psnr, densities = read_run(directory)
@@ -46,7 +48,7 @@ def main() -> None:
             densities,
             [psnr] * len(densities),
             label=f"{label} ({psnr:.2f} dB)",
-            color=colours[2 * i % 20 + 2 * i // 20 % 2],
+            color=colours[i % 20],
             zorder=2,
         )
         print(f"{label}: {psnr:.2f} dB, densities " + " / ".join(f"{d:.2f}" for d in densities))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctrl_csc.losses.objective import check_weight
 from ctrl_csc.nn.noise import add_noise
 
 if TYPE_CHECKING:
@@ -172,14 +173,7 @@ class CTRLStep:
             float(code_beta) if isinstance(code_beta, int | float) else [float(w) for w in weights]
         )
         self.uses_codes = any(w > 0 for w in weights)
-        if (
-            isinstance(dictionary_beta, bool)
-            or not isinstance(dictionary_beta, int | float)
-            or not 0 <= dictionary_beta < float("inf")
-        ):
-            raise ValueError(
-                f"loss.dictionary_beta must be a finite number >= 0, got {dictionary_beta!r}"
-            )
+        check_weight("loss.dictionary_beta", dictionary_beta)
         self.dictionary_beta = float(dictionary_beta)
 
     def _encode_pair(self, f: nn.Module, x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor):

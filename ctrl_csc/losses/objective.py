@@ -85,7 +85,8 @@ _DISTANCES: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
 _VARIANTS = ("binary", "multiclass", "samplewise")
 
 
-def _check_weight(name: str, value: object) -> None:
+def check_weight(name: str, value: object) -> None:
+    """A loss weight: a finite number >= 0 (not a bool), or one ``ValueError`` naming it."""
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
@@ -154,9 +155,9 @@ class CTRLObjective(nn.Module):
         gammas = tuple(float(g) for g in gammas)
         if len(gammas) != 3 or not all(math.isfinite(g) for g in gammas):
             raise ValueError(f"gammas must be three finite numbers (γ₁, γ₂, γ₃), got {gammas!r}")
-        _check_weight("beta", beta)
+        check_weight("beta", beta)
         if encoder_beta is not None:
-            _check_weight("encoder_beta", encoder_beta)
+            check_weight("encoder_beta", encoder_beta)
         self.variant = variant
         self.eps_sq = check_eps_sq(eps_sq)
         self.num_classes = check_num_classes(num_classes)

@@ -251,10 +251,7 @@ class CSCEncoder(ImageEncoder):
             if outs is not None:
                 outs.append(z)
             h = act(norm(z))
-        h = h.flatten(1)
-        return self._finish(
-            self.projection(h if self.projection_rate == 1 else h * self.projection_rate)
-        )
+        return self._finish(self.projection(h.flatten(1) * self.projection_rate))
 
     def dictionary_misfit(self, x: Tensor) -> Tensor:
         """``Σ_l mean_i (1 − ⟨u, D_l c⟩² / (‖u‖² ‖D_l c‖²))``: for every stage ``l``, the share of
