@@ -523,6 +523,62 @@ def test_projection_rate_keeps_the_features_and_slows_the_adam_step_of_the_weigh
         CSCEncoder(1, 16, stages, feature_dim=128, projection=False, projection_rate=0.5)
 
 
+def test_auto_projection_rate_is_two_step_code_scale_over_own_and_touches_nothing_else():
+    """``projection_rate="auto"`` (the default): 1 with no measurement at T = 2; otherwise the
+    mean ``|c|`` of the last code of the same encoder with every stage at 2 ISTA steps over its
+    own, on 8 Gaussian images from seed 0, here computed by a second encoder built at T = 2 from
+    the same seed (the dictionaries do not depend on T). Building it draws nothing from the
+    global random state and leaves the solvers' state as an encoder with a given rate has it."""
+    stages = [{"out_channels": 4, "stride": 2}, {"out_channels": 8, "stride": 2}]
+    common = dict(feature_dim=8, stage_defaults={"lmbda_relative": True, "nonnegative": True})
+
+    def build(n_iter, algorithm="fista", **kwargs):
+        torch.manual_seed(0)
+        defaults = {**common["stage_defaults"], "n_iter": n_iter, "algorithm": algorithm}
+        enc = CSCEncoder(1, 16, stages, feature_dim=8, stage_defaults=defaults, **kwargs)
+        return enc, torch.rand(3)  # the global random state after building
+
+    two, after_two = build(2)
+    assert two.projection_rate.item() == 1.0 and two.projection_rate.dtype == torch.float32
+    given, after_given = build(2, projection_rate=1.0)
+    torch.testing.assert_close(after_two, after_given, rtol=0, atol=0)
+    for key, value in given.state_dict().items():
+        torch.testing.assert_close(two.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    x = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = x.float()
+    for n_iter, algorithm in ((1, "ista"), (5, "ista"), (5, "fista"), (10, "fista")):
+        auto, after_auto = build(n_iter, algorithm)
+        fixed, after_fixed = build(n_iter, algorithm, projection_rate=0.5)
+        reference, _ = build(2, "ista", projection_rate=0.5)
+        torch.testing.assert_close(after_auto, after_fixed, rtol=0, atol=0)
+        for key, value in fixed.state_dict().items():
+            if key not in ("projection_rate", "projection.weight"):
+                torch.testing.assert_close(auto.state_dict()[key], value, rtol=0, atol=0, msg=key)
+        with torch.no_grad():
+            two_steps, own = (e.stage_outputs(x)[-1].abs().mean() for e in (reference, fixed))
+        assert auto.projection_rate.item() == pytest.approx((two_steps / own).item(), rel=1e-6)
+        # ISTA from zero makes the last code grow with T: below T = 2's rate past 2 steps
+        assert (auto.projection_rate.item() > 1) == (n_iter == 1)
+    # the rate travels with the weights; a state dict without it was trained at 1 (auto) or at
+    # the number given
+    state = auto.state_dict()
+    fresh, _ = build(2)
+    fresh_five, _ = build(5, "ista")
+    fresh_five.load_state_dict(state)
+    assert fresh_five.projection_rate.item() == auto.projection_rate.item()
+    del state["projection_rate"]
+    fresh_five.load_state_dict(state)
+    assert fresh_five.projection_rate.item() == 1.0
+    fixed.load_state_dict(state)
+    assert fixed.projection_rate.item() == 0.5
+    assert fresh.projection_rate.item() == 1.0
+    with torch.device("meta"):  # built to check shapes only (the release guard): not measured
+        assert build(5)[0].projection_rate.is_meta
+    for bad in ("Auto", "", "automatic"):
+        with pytest.raises(ValueError, match="a finite number > 0 or 'auto'"):
+            CSCEncoder(1, 16, stages, projection_rate=bad)
+
+
 @pytest.mark.parametrize("n_iter", [1, 2, 5, 10])
 def test_the_game_starts_with_a_blind_encoder_at_every_unroll_depth(n_iter):
     """At the default initialisation the features of different images nearly coincide, and the

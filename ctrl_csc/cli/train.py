@@ -191,6 +191,9 @@ def run(
                 ctx.device,
                 output_dir,
             )
+            rate = getattr(encoder, "projection_rate", None)
+            if isinstance(rate, torch.Tensor) and float(rate) != 1:
+                log.info("encoder projection_rate %.4g", float(rate))
         trainer = Trainer(
             encoder,
             decoder,

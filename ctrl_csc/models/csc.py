@@ -17,6 +17,7 @@ below 1x1) is reported then, naming ``dataset.image_size``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -154,8 +155,15 @@ class CSCEncoder(ImageEncoder):
             features' rate of turn grows with ``‖c‖₁``, and ISTA from zero makes the last code
             larger with every step: on digits ~4.6x T = 2's at T = 5 and ~10x at T = 10. An
             encoder at T = 10 rose to 17.4 dB and fell to 16.3 by step 500 at 1; at 0.1 it held
-            20.1 (T = 2: 21.3 at 1, 20.6 at 0.1; experiments/notes/sparse_deep.md §14). Set it
-            near T = 2's code scale over this encoder's: 1 at T = 2, ~0.2 at T = 5, ~0.1 at 10.
+            20.1 (T = 2: 21.3 at 1, 20.6 at 0.1; experiments/notes/sparse_deep.md §14).
+            ``"auto"`` (the default): T = 2's last-code scale over this encoder's, measured once
+            at construction on a fixed batch of Gaussian images (the same stages, dictionaries
+            and λ, every stage at 2 ISTA steps; data-independent: on digits and photos the
+            ratio from images is within 10 % of it), so that every depth turns its features at
+            T = 2's rate: exactly 1 when every stage runs 2 steps (no measurement), ~0.23 at
+            T = 5, ~0.12 at T = 10 for csc_ctrl_mini. The value is the buffer
+            ``projection_rate`` (saved with the weights; a state dict from before it existed
+            loads as 1, the rate it was trained at, unless a number was given here).
 
     Attributes:
         stages: ``nn.ModuleList`` of :class:`ctrl_csc.nn.CSCLayer` (the dictionaries are their
@@ -178,7 +186,7 @@ class CSCEncoder(ImageEncoder):
         stage_defaults: Mapping[str, Any] | None = None,
         projection: bool = True,
         projection_init_scale: float = 0.1,
-        projection_rate: float = 1.0,
+        projection_rate: float | str = "auto",
     ) -> None:
         super().__init__(in_channels, image_size, feature_dim, normalize)
         from ctrl_csc.nn import CSCLayer
@@ -188,21 +196,23 @@ class CSCEncoder(ImageEncoder):
                 f"model.encoder.projection_init_scale must be a number >= 0, got "
                 f"{projection_init_scale!r}"
             )
-        if (
+        auto = isinstance(projection_rate, str) and projection_rate == "auto"
+        if not auto and (
             isinstance(projection_rate, bool)
             or not isinstance(projection_rate, int | float)
             or not 0 < projection_rate < float("inf")
         ):
             raise ValueError(
-                f"model.encoder.projection_rate must be a finite number > 0, got "
+                f"model.encoder.projection_rate must be a finite number > 0 or 'auto', got "
                 f"{projection_rate!r}"
             )
-        if not projection and projection_rate != 1:
+        if not projection and not auto and projection_rate != 1:
             raise ValueError(
                 "model.encoder.projection_rate scales the projection's input, but "
-                "model.encoder.projection=false has none; leave projection_rate at 1"
+                "model.encoder.projection=false has none; leave projection_rate at 'auto' or 1"
             )
-        self.projection_rate = float(projection_rate)
+        # a state dict saved before the buffer existed was trained at 1 unless a number was given
+        self._rate_before_buffer = 1.0 if auto else float(projection_rate)
 
         stages, defaults = _stage_mappings(stages, stage_defaults)
         self.specs = parse_stages(stages, CSCStageSpec, "model.encoder.stages", defaults)
@@ -230,10 +240,15 @@ class CSCEncoder(ImageEncoder):
             c = spec.out_channels
         self.code_shape = (c, *size)
         flat = c * size[0] * size[1]
+        if not auto:
+            rate = float(projection_rate)
+        else:  # without a projection there is nothing to slow
+            rate = self._reference_scale_ratio() if projection else 1.0
+        self.register_buffer("projection_rate", torch.tensor(rate))
         if projection:
             self.projection: nn.Module = nn.Linear(flat, self.feature_dim)
             with torch.no_grad():
-                self.projection.weight.mul_(float(projection_init_scale) / self.projection_rate)
+                self.projection.weight.mul_(float(projection_init_scale) / rate)
         elif flat != self.feature_dim:
             raise ValueError(
                 f"model.encoder.projection=false makes the last code ({c}x{size[0]}x{size[1]} = "
@@ -245,13 +260,62 @@ class CSCEncoder(ImageEncoder):
 
     def _run(self, x: Tensor, outs: list[Tensor] | None) -> Tensor:
         self.check_input(x)
+        h = self._last_code(self.stages, self.norms, self.activations, x, outs)
+        return self._finish(self.projection(h.flatten(1) * self.projection_rate))
+
+    @staticmethod
+    def _last_code(stages, norms, activations, x: Tensor, outs: list[Tensor] | None) -> Tensor:
+        """What the projection reads: ``x`` through every stage, its norm and activation."""
         h = x
-        for layer, norm, act in zip(self.stages, self.norms, self.activations):
+        for layer, norm, act in zip(stages, norms, activations, strict=True):
             z = layer(h)
             if outs is not None:
                 outs.append(z)
             h = act(norm(z))
-        return self._finish(self.projection(h.flatten(1) * self.projection_rate))
+        return h
+
+    @torch.no_grad()
+    def _reference_scale_ratio(self) -> float:
+        """``projection_rate="auto"``: mean ``|c|`` of the last code (after its norm and
+        activation) with every stage at 2 ISTA steps over the same at the stages' own settings,
+        for 8 standard Gaussian images drawn from a fixed seed. Computed on a copy of the stages
+        (this encoder's solver and norm state and the global random state are left as they
+        were); 1 without measuring when every stage already runs 2 steps (FISTA's first
+        momentum weight is 0, so its 2 steps are ISTA's), or on the meta device."""
+        weight = self.stages[0].weight
+        if all(layer.n_iter == 2 for layer in self.stages) or weight.is_meta:
+            return 1.0  # (on the meta device, where a model is built to check shapes only)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(8, self.in_channels, *self.image_size, generator=gen, dtype=torch.float64)
+        x = x.to(device=weight.device, dtype=weight.dtype)
+
+        def scale(two_steps: bool) -> Tensor:  # on a fresh copy: its first forward
+            stages, norms, acts = copy.deepcopy((self.stages, self.norms, self.activations))
+            for layer in stages:
+                layer.solver.compile = False  # a measurement, not worth a compilation
+                if two_steps:
+                    layer.solver.n_iter, layer.solver.algorithm = 2, "ista"
+            return self._last_code(stages, norms, acts, x, None).abs().mean()
+
+        ratio = float(scale(True) / scale(False))
+        if not 0 < ratio < float("inf"):
+            raise ValueError(
+                "model.encoder.projection_rate='auto' found a last code of zero for Gaussian "
+                "images (at the stages' own settings or at 2 steps); give it a number"
+            )
+        return ratio
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # noqa: D401 - torch hook
+        # a state dict from before the rate was a buffer: the rate it was trained at
+        state_dict.setdefault(
+            prefix + "projection_rate",
+            torch.tensor(self._rate_before_buffer),
+        )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def dictionary_misfit(self, x: Tensor) -> Tensor:
         """``Σ_l mean_i (1 − ⟨u, D_l c⟩² / (‖u‖² ‖D_l c‖²))``: for every stage ``l``, the share of
