@@ -190,8 +190,9 @@ def check_game(tmp_path, joint_batch, device, norm_class):
             assert stats, f"the {part} has no batch norm: the comparison would be empty"
             for k, v in one[part].items():
                 torch.testing.assert_close(two[part][k], v, rtol=1e-9, atol=1e-12, msg=k)
-                # moved: not vacuous (the projection's rate is a constant of the architecture)
-                if v.is_floating_point() and v.shape == start[k].shape and k != "projection_rate":
+                # moved: not vacuous (the rate and gain are constants of the architecture)
+                constant = k in ("projection_rate", "last_stage_gain")
+                if v.is_floating_point() and v.shape == start[k].shape and not constant:
                     assert not torch.equal(v, start[k].double()), f"{part}.{k} did not move"
             counts = [v for k, v in one[part].items() if k.endswith("num_batches_tracked")]
             # per round the encoder counts f(X) and f(X̂), or the one f([X; X̂]), and the

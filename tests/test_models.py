@@ -523,60 +523,70 @@ def test_projection_rate_keeps_the_features_and_slows_the_adam_step_of_the_weigh
         CSCEncoder(1, 16, stages, feature_dim=128, projection=False, projection_rate=0.5)
 
 
-def test_auto_projection_rate_is_two_step_code_scale_over_own_and_touches_nothing_else():
-    """``projection_rate="auto"`` (the default): 1 with no measurement at T = 2; otherwise the
-    mean ``|c|`` of the last code of the same encoder with every stage at 2 ISTA steps over its
-    own, on 8 Gaussian images from seed 0, here computed by a second encoder built at T = 2 from
-    the same seed (the dictionaries do not depend on T). Building it draws nothing from the
-    global random state and leaves the solvers' state as an encoder with a given rate has it."""
-    stages = [{"out_channels": 4, "stride": 2}, {"out_channels": 8, "stride": 2}]
-    common = dict(feature_dim=8, stage_defaults={"lmbda_relative": True, "nonnegative": True})
+@pytest.mark.parametrize("role", ["encoder", "decoder"])
+def test_auto_scale_is_two_step_scale_over_own_and_touches_nothing_else(role):
+    """``CSCEncoder(projection_rate="auto")`` and ``CSCDecoder(last_stage_gain="auto")``, the
+    defaults: 1 with no measurement at T = 2; otherwise the mean ``|h|`` of what the projection
+    (encoder) or the last stage (decoder) reads, with every stage at 2 ISTA steps over the same
+    at its own, for 8 Gaussian images (features on the sphere) from seed 0, here computed by a
+    second model built at T = 2 from the same seed (the dictionaries do not depend on T).
+    Building it draws nothing from the global random state and leaves the solvers' and norms'
+    state as a model with a given number has it."""
+    sd = {"lmbda_relative": True, "nonnegative": True}
+    if role == "encoder":
+        cls, key, moved = CSCEncoder, "projection_rate", "projection.weight"
+        stages = [{"out_channels": 4, "stride": 2}, {"out_channels": 8, "stride": 2}]
+        probe = torch.randn(
+            8, 1, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+        )
+        probe, read = probe.float(), -1  # the last code (no norm, no activation)
+    else:  # the stage before the last has no norm; its code is non-negative
+        cls, key, moved = CSCDecoder, "last_stage_gain", None
+        stages = [{"in_channels": 8, "stride": 2}, {"in_channels": 4, "stride": 2}]
+        probe = torch.randn(8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        probe, read = torch.nn.functional.normalize(probe.float(), dim=1), -2
 
     def build(n_iter, algorithm="fista", **kwargs):
         torch.manual_seed(0)
-        defaults = {**common["stage_defaults"], "n_iter": n_iter, "algorithm": algorithm}
-        enc = CSCEncoder(1, 16, stages, feature_dim=8, stage_defaults=defaults, **kwargs)
-        return enc, torch.rand(3)  # the global random state after building
+        defaults = {**sd, "n_iter": n_iter, "algorithm": algorithm}
+        model = cls(1, 16, stages, feature_dim=8, stage_defaults=defaults, **kwargs)
+        return model, torch.rand(3)  # the global random state after building
 
     two, after_two = build(2)
-    assert two.projection_rate.item() == 1.0 and two.projection_rate.dtype == torch.float32
-    given, after_given = build(2, projection_rate=1.0)
+    assert getattr(two, key).item() == 1.0 and getattr(two, key).dtype == torch.float32
+    given, after_given = build(2, **{key: 1.0})
     torch.testing.assert_close(after_two, after_given, rtol=0, atol=0)
-    for key, value in given.state_dict().items():
-        torch.testing.assert_close(two.state_dict()[key], value, rtol=0, atol=0, msg=key)
-    x = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    x = x.float()
+    for name, value in given.state_dict().items():
+        torch.testing.assert_close(two.state_dict()[name], value, rtol=0, atol=0, msg=name)
     for n_iter, algorithm in ((1, "ista"), (5, "ista"), (5, "fista"), (10, "fista")):
         auto, after_auto = build(n_iter, algorithm)
-        fixed, after_fixed = build(n_iter, algorithm, projection_rate=0.5)
-        reference, _ = build(2, "ista", projection_rate=0.5)
+        fixed, after_fixed = build(n_iter, algorithm, **{key: 0.5})
+        reference, _ = build(2, "ista", **{key: 0.5})
         torch.testing.assert_close(after_auto, after_fixed, rtol=0, atol=0)
-        for key, value in fixed.state_dict().items():
-            if key not in ("projection_rate", "projection.weight"):
-                torch.testing.assert_close(auto.state_dict()[key], value, rtol=0, atol=0, msg=key)
+        for name, value in fixed.state_dict().items():
+            if name not in (key, moved):
+                torch.testing.assert_close(auto.state_dict()[name], value, rtol=0, atol=0, msg=name)
         with torch.no_grad():
-            two_steps, own = (e.stage_outputs(x)[-1].abs().mean() for e in (reference, fixed))
-        assert auto.projection_rate.item() == pytest.approx((two_steps / own).item(), rel=1e-6)
-        # ISTA from zero makes the last code grow with T: below T = 2's rate past 2 steps
-        assert (auto.projection_rate.item() > 1) == (n_iter == 1)
-    # the rate travels with the weights; a state dict without it was trained at 1 (auto) or at
-    # the number given
+            two_steps, own = (m.stage_outputs(probe)[read].abs().mean() for m in (reference, fixed))
+        assert getattr(auto, key).item() == pytest.approx((two_steps / own).item(), rel=1e-6)
+        # ISTA from zero makes the codes grow with T: below 1 past 2 steps, above at 1 step
+        assert (getattr(auto, key).item() > 1) == (n_iter == 1)
+    # the value travels with the weights; a state dict without it ran at 1 (auto) or at the
+    # number given
     state = auto.state_dict()
-    fresh, _ = build(2)
     fresh_five, _ = build(5, "ista")
     fresh_five.load_state_dict(state)
-    assert fresh_five.projection_rate.item() == auto.projection_rate.item()
-    del state["projection_rate"]
+    assert getattr(fresh_five, key).item() == getattr(auto, key).item()
+    del state[key]
     fresh_five.load_state_dict(state)
-    assert fresh_five.projection_rate.item() == 1.0
+    assert getattr(fresh_five, key).item() == 1.0
     fixed.load_state_dict(state)
-    assert fixed.projection_rate.item() == 0.5
-    assert fresh.projection_rate.item() == 1.0
+    assert getattr(fixed, key).item() == 0.5
     with torch.device("meta"):  # built to check shapes only (the release guard): not measured
-        assert build(5)[0].projection_rate.is_meta
-    for bad in ("Auto", "", "automatic"):
-        with pytest.raises(ValueError, match="a finite number > 0 or 'auto'"):
-            CSCEncoder(1, 16, stages, projection_rate=bad)
+        assert getattr(build(5)[0], key).is_meta
+    for bad in ("Auto", "", "automatic", 0.0, -1.0, True, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"{key} must be a finite number > 0 or 'auto'"):
+            cls(1, 16, stages, **{key: bad})
 
 
 @pytest.mark.parametrize("n_iter", [1, 2, 5, 10])

@@ -96,11 +96,11 @@ def test_fp16_release_loads_the_rounded_weights_and_reconstructs_like_fp32(
     # loaded back into float32 parameters, equal to the checkpoint's weights rounded to fp16
     ckpt = load_checkpoint(live_checkpoint)["models"]
     for part, module in (("encoder", model_16.encoder), ("decoder", model_16.decoder)):
-        # the release was made before the projection's rate was a buffer: it loads as the 1
-        # it was trained at
-        before = {"projection_rate"} if part == "encoder" else set()
+        # the release was made before the projection's rate and the last stage's gain were
+        # buffers: they load as the 1 it was trained at
+        before = {"encoder": {"projection_rate"}, "decoder": {"last_stage_gain"}}[part]
         assert set(module.state_dict()) - set(ckpt[part]) == before
-        assert part == "decoder" or module.projection_rate.item() == 1.0
+        assert all(module.get_buffer(k).item() == 1.0 for k in before)
         for k, v in module.state_dict().items():
             if v.is_floating_point() and k not in before:
                 assert v.dtype == torch.float32, (part, k)

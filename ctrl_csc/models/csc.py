@@ -18,12 +18,14 @@ below 1x1) is reported then, naming ``dataset.image_size``.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ctrl_csc.nn.solver import UnrolledLasso
 from ctrl_csc.nn.stage import code_size
 
 from ._common import (
@@ -117,7 +119,72 @@ def _position_defaults(stages: list[Any], given: Mapping[str, Any] | None) -> li
     return out
 
 
-class CSCEncoder(ImageEncoder):
+def _number_or_auto(value: Any, setting: str) -> float | None:
+    """``None`` for ``"auto"``, else ``value`` checked to be a finite number > 0."""
+    if isinstance(value, str) and value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"{setting} must be a finite number > 0 or 'auto', got {value!r}")
+    return float(value)
+
+
+@torch.no_grad()
+def _two_step_scale_ratio(
+    parts: nn.Module, run: Callable[[nn.Module], Tensor], setting: str
+) -> float:
+    """``mean |run(parts)|`` with every unrolled solver in ``parts`` at 2 ISTA steps over the
+    same with the solvers as they are, each on a fresh copy of ``parts`` (so each is its first
+    forward: ``parts``' own solver and norm state is left as it was). 1 without measuring when
+    every solver already runs 2 steps (FISTA's first momentum weight is 0: its 2 steps are
+    ISTA's), and on the meta device (a model built to check shapes only)."""
+    solvers = [m for m in parts.modules() if isinstance(m, UnrolledLasso)]
+    on_meta = any(p.is_meta for p in parts.parameters())
+    if on_meta or all(m.n_iter == 2 for m in solvers):
+        return 1.0
+
+    def scale(two_steps: bool) -> Tensor:
+        twin = copy.deepcopy(parts)
+        for m in twin.modules():
+            if isinstance(m, UnrolledLasso):
+                m.compile = False  # a measurement, not worth a compilation
+                if two_steps:
+                    m.n_iter, m.algorithm = 2, "ista"
+        return run(twin).abs().mean()
+
+    ratio = float(scale(True) / scale(False))
+    if not 0 < ratio < math.inf:
+        raise ValueError(
+            f"{setting}='auto' measured a zero or non-finite scale for its fixed probe (at the "
+            "stages' own settings or at 2 steps); give it a number"
+        )
+    return ratio
+
+
+def _probe(shape: Sequence[int], like: Tensor) -> Tensor:
+    """Standard Gaussian values of ``shape`` from a fixed seed, on ``like``'s device and dtype."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    return x.to(device=like.device, dtype=like.dtype)
+
+
+class _SavedScale(nn.Module):
+    """A module with 0-dim buffers added to the state dict after models were saved: a state
+    dict without one loads it as ``self._scale_before_buffer[name]``, the value its model ran
+    with."""
+
+    _scale_before_buffer: dict[str, float]
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # noqa: D401 - torch hook
+        for name, value in self._scale_before_buffer.items():
+            state_dict.setdefault(prefix + name, torch.tensor(value))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class CSCEncoder(_SavedScale, ImageEncoder):
     """CSC-CTRL encoder ``f``: images ``(N, in_channels, H, W)`` → features ``(N, feature_dim)``.
 
     Args:
@@ -196,23 +263,14 @@ class CSCEncoder(ImageEncoder):
                 f"model.encoder.projection_init_scale must be a number >= 0, got "
                 f"{projection_init_scale!r}"
             )
-        auto = isinstance(projection_rate, str) and projection_rate == "auto"
-        if not auto and (
-            isinstance(projection_rate, bool)
-            or not isinstance(projection_rate, int | float)
-            or not 0 < projection_rate < float("inf")
-        ):
-            raise ValueError(
-                f"model.encoder.projection_rate must be a finite number > 0 or 'auto', got "
-                f"{projection_rate!r}"
-            )
-        if not projection and not auto and projection_rate != 1:
+        rate = _number_or_auto(projection_rate, "model.encoder.projection_rate")
+        if not projection and rate not in (None, 1):
             raise ValueError(
                 "model.encoder.projection_rate scales the projection's input, but "
                 "model.encoder.projection=false has none; leave projection_rate at 'auto' or 1"
             )
         # a state dict saved before the buffer existed was trained at 1 unless a number was given
-        self._rate_before_buffer = 1.0 if auto else float(projection_rate)
+        self._scale_before_buffer = {"projection_rate": 1.0 if rate is None else rate}
 
         stages, defaults = _stage_mappings(stages, stage_defaults)
         self.specs = parse_stages(stages, CSCStageSpec, "model.encoder.stages", defaults)
@@ -240,10 +298,8 @@ class CSCEncoder(ImageEncoder):
             c = spec.out_channels
         self.code_shape = (c, *size)
         flat = c * size[0] * size[1]
-        if not auto:
-            rate = float(projection_rate)
-        else:  # without a projection there is nothing to slow
-            rate = self._reference_scale_ratio() if projection else 1.0
+        if rate is None:  # auto (without a projection there is nothing to slow)
+            rate = self._two_step_code_ratio() if projection else 1.0
         self.register_buffer("projection_rate", torch.tensor(rate))
         if projection:
             self.projection: nn.Module = nn.Linear(flat, self.feature_dim)
@@ -274,47 +330,14 @@ class CSCEncoder(ImageEncoder):
             h = act(norm(z))
         return h
 
-    @torch.no_grad()
-    def _reference_scale_ratio(self) -> float:
+    def _two_step_code_ratio(self) -> float:
         """``projection_rate="auto"``: mean ``|c|`` of the last code (after its norm and
         activation) with every stage at 2 ISTA steps over the same at the stages' own settings,
-        for 8 standard Gaussian images drawn from a fixed seed. Computed on a copy of the stages
-        (this encoder's solver and norm state and the global random state are left as they
-        were); 1 without measuring when every stage already runs 2 steps (FISTA's first
-        momentum weight is 0, so its 2 steps are ISTA's), or on the meta device."""
-        weight = self.stages[0].weight
-        if all(layer.n_iter == 2 for layer in self.stages) or weight.is_meta:
-            return 1.0  # (on the meta device, where a model is built to check shapes only)
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(8, self.in_channels, *self.image_size, generator=gen, dtype=torch.float64)
-        x = x.to(device=weight.device, dtype=weight.dtype)
-
-        def scale(two_steps: bool) -> Tensor:  # on a fresh copy: its first forward
-            stages, norms, acts = copy.deepcopy((self.stages, self.norms, self.activations))
-            for layer in stages:
-                layer.solver.compile = False  # a measurement, not worth a compilation
-                if two_steps:
-                    layer.solver.n_iter, layer.solver.algorithm = 2, "ista"
-            return self._last_code(stages, norms, acts, x, None).abs().mean()
-
-        ratio = float(scale(True) / scale(False))
-        if not 0 < ratio < float("inf"):
-            raise ValueError(
-                "model.encoder.projection_rate='auto' found a last code of zero for Gaussian "
-                "images (at the stages' own settings or at 2 steps); give it a number"
-            )
-        return ratio
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):  # noqa: D401 - torch hook
-        # a state dict from before the rate was a buffer: the rate it was trained at
-        state_dict.setdefault(
-            prefix + "projection_rate",
-            torch.tensor(self._rate_before_buffer),
-        )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        for 8 standard Gaussian images from a fixed seed (:func:`_two_step_scale_ratio`)."""
+        parts = nn.ModuleList([self.stages, self.norms, self.activations])
+        x = _probe((8, self.in_channels, *self.image_size), self.stages[0].weight)
+        return _two_step_scale_ratio(
+            parts, lambda p: self._last_code(*p, x, None), "model.encoder.projection_rate"
         )
 
     def dictionary_misfit(self, x: Tensor) -> Tensor:
@@ -339,7 +362,7 @@ class CSCEncoder(ImageEncoder):
         return total
 
 
-class CSCDecoder(ImageDecoder):
+class CSCDecoder(_SavedScale, ImageDecoder):
     """CSC-CTRL decoder ``g``: features ``(N, feature_dim)`` → images ``(N, out_channels, H, W)``.
 
     Args:
@@ -362,6 +385,21 @@ class CSCDecoder(ImageDecoder):
         projection: ``True``: a learned ``Linear`` maps the feature to the first stage's code;
             ``False``: the feature *is* that code (``feature_dim`` must equal ``C_0·h_0·w_0``),
             the mirror of the encoder's ``projection: false``.
+        last_stage_gain: the last stage reads ``last_stage_gain · h`` (``h`` the output of the
+            stage before it, which has no norm by default, or of the projection). Its atoms are
+            unit-norm, so the image before the output activation has ``h``'s scale, and ISTA
+            from zero makes the inverse-CSC stages' codes larger with every step: at
+            initialisation on digits the pre-tanh image's mean ``|x|`` is 0.70 at T = 2 and 1.21
+            at T = 5, deeper in tanh's saturation. ``"auto"`` (the default): T = 2's scale of
+            ``h`` over this decoder's, measured once at construction for 8 Gaussian features
+            on the sphere from a fixed seed (every inverse-CSC stage at 2 ISTA steps against
+            their own settings), so that every depth starts with T = 2's image scale: exactly 1
+            when every stage runs 2 steps (no measurement), ~0.59 at T = 5 and ~1.7 at T = 1
+            for csc_ctrl_mini. Both players on digits (seeds 0 / 1): at T = 5 20.89 / 20.94 dB
+            with it, 20.40 / 20.59 without; at T = 1 16.91 against 12.46
+            (experiments/notes/sparse_deep.md §15). The buffer ``last_stage_gain``, saved with
+            the weights (a state dict from before it existed loads as 1 unless a number was
+            given here).
         stage_defaults: keys merged into every mapping in ``stages`` (a stage's own keys win),
             e.g. ``{kind: inverse_csc, lmbda: 0.1}``, on top of :data:`MODEL_STAGE_DEFAULTS`.
             Defaults that depend on the position, each unless the stage or ``stage_defaults``
@@ -391,9 +429,13 @@ class CSCDecoder(ImageDecoder):
         output_activation: str = "tanh",
         stage_defaults: Mapping[str, Any] | None = None,
         projection: bool = True,
+        last_stage_gain: float | str = "auto",
     ) -> None:
         super().__init__(out_channels, image_size, feature_dim)
         from ctrl_csc.nn import SparseDeconvLayer
+
+        gain = _number_or_auto(last_stage_gain, "model.decoder.last_stage_gain")
+        self._scale_before_buffer = {"last_stage_gain": 1.0 if gain is None else gain}
 
         stages, defaults = _stage_mappings(stages, stage_defaults)
         stages = _position_defaults(stages, stage_defaults)
@@ -451,19 +493,45 @@ class CSCDecoder(ImageDecoder):
                     )
                 )
         self.output_activation = output_activation
+        if gain is None:  # auto
+            parts = nn.ModuleList(self._parts()[:-3])
+            z = nn.functional.normalize(_probe((8, self.feature_dim), self.stages[0].weight), dim=1)
+            gain = _two_step_scale_ratio(
+                parts, lambda p: self._last_input(p, z, None), "model.decoder.last_stage_gain"
+            )
+        self.register_buffer("last_stage_gain", torch.tensor(gain))
 
-    def _run(self, z: Tensor, outs: list[Tensor] | None) -> Tensor:
-        self.check_input(z)
-        h = self.projection(z).view(z.shape[0], *self.code_shape)
-        h = self.projection_act(self.projection_norm(h))
-        for layer, norm, act, size in zip(
-            self.stages, self.norms, self.activations, self.out_sizes
-        ):
-            v = layer(h, output_size=size)
+    def _parts(self) -> list[nn.Module]:
+        """The modules in the order ``_run`` applies them: the projection, its norm and
+        activation, then every stage's layer, norm and activation."""
+        parts = [self.projection, self.projection_norm, self.projection_act]
+        for layer, norm, act in zip(self.stages, self.norms, self.activations):
+            parts += [layer, norm, act]
+        return parts
+
+    def _last_input(
+        self, parts: Sequence[nn.Module], z: Tensor, outs: list[Tensor] | None
+    ) -> Tensor:
+        """What the last stage reads (before its gain), through ``parts`` (``_parts()`` without
+        the last stage's three)."""
+        projection, norm, act, *stages = parts
+        h = act(norm(projection(z).view(z.shape[0], *self.code_shape)))
+        for j in range(len(stages) // 3):
+            layer, norm, act = stages[3 * j : 3 * j + 3]
+            v = layer(h, output_size=self.out_sizes[j])
             if outs is not None:
                 outs.append(v)
             h = act(norm(v))
         return h
+
+    def _run(self, z: Tensor, outs: list[Tensor] | None) -> Tensor:
+        self.check_input(z)
+        *parts, layer, norm, act = self._parts()
+        h = self._last_input(parts, z, outs)
+        v = layer(h * self.last_stage_gain, output_size=self.out_sizes[-1])
+        if outs is not None:
+            outs.append(v)
+        return act(norm(v))
 
     def _is_code(self) -> list[bool]:
         """``inverse_csc`` stages output a sparse code; ``synthesis`` stages a plain synthesis."""
