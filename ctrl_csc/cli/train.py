@@ -191,9 +191,13 @@ def run(
                 ctx.device,
                 output_dir,
             )
-            rate = getattr(encoder, "projection_rate", None)
-            if isinstance(rate, torch.Tensor) and float(rate) != 1:
-                log.info("encoder projection_rate %.4g", float(rate))
+            for role, model, key in (
+                ("encoder", encoder, "projection_rate"),
+                ("decoder", decoder, "last_stage_gain"),
+            ):
+                value = getattr(model, key, None)  # set by "auto" when the model was built
+                if isinstance(value, torch.Tensor) and float(value) != 1:
+                    log.info("%s %s %.4g", role, key, float(value))
         trainer = Trainer(
             encoder,
             decoder,

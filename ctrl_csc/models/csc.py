@@ -129,27 +129,29 @@ def _number_or_auto(value: Any, setting: str) -> float | None:
 
 
 @torch.no_grad()
-def _two_step_scale_ratio(
-    parts: nn.Module, run: Callable[[nn.Module], Tensor], setting: str
+def _two_step_input_ratio(
+    model: nn.Module, reads: Callable[[nn.Module], nn.Module], probe: Tensor, setting: str
 ) -> float:
-    """``mean |run(parts)|`` with every unrolled solver in ``parts`` at 2 ISTA steps over the
-    same with the solvers as they are, each on a fresh copy of ``parts`` (so each is its first
-    forward: ``parts``' own solver and norm state is left as it was). 1 without measuring when
-    every solver already runs 2 steps (FISTA's first momentum weight is 0: its 2 steps are
-    ISTA's), and on the meta device (a model built to check shapes only)."""
-    solvers = [m for m in parts.modules() if isinstance(m, UnrolledLasso)]
-    on_meta = any(p.is_meta for p in parts.parameters())
-    if on_meta or all(m.n_iter == 2 for m in solvers):
+    """``mean |u|`` of the input ``u`` of the submodule ``reads(model)`` for ``model(probe)`` with
+    every unrolled solver at 2 ISTA steps, over the same with the solvers as they are, each on a
+    fresh copy of ``model`` (so each is its first forward: ``model``'s own solver and norm state
+    is left as it was). 1 without measuring when every solver already runs 2 steps (FISTA's first
+    momentum weight is 0: its 2 steps are ISTA's), and on the meta device (a model built to check
+    shapes only)."""
+    solvers = [m for m in model.modules() if isinstance(m, UnrolledLasso)]
+    if any(p.is_meta for p in model.parameters()) or all(m.n_iter == 2 for m in solvers):
         return 1.0
 
     def scale(two_steps: bool) -> Tensor:
-        twin = copy.deepcopy(parts)
+        twin, seen = copy.deepcopy(model), []
         for m in twin.modules():
             if isinstance(m, UnrolledLasso):
                 m.compile = False  # a measurement, not worth a compilation
                 if two_steps:
                     m.n_iter, m.algorithm = 2, "ista"
-        return run(twin).abs().mean()
+        reads(twin).register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+        twin(probe)
+        return seen[0].abs().mean()
 
     ratio = float(scale(True) / scale(False))
     if not 0 < ratio < math.inf:
@@ -298,11 +300,15 @@ class CSCEncoder(_SavedScale, ImageEncoder):
             c = spec.out_channels
         self.code_shape = (c, *size)
         flat = c * size[0] * size[1]
-        if rate is None:  # auto (without a projection there is nothing to slow)
-            rate = self._two_step_code_ratio() if projection else 1.0
-        self.register_buffer("projection_rate", torch.tensor(rate))
+        self.register_buffer("projection_rate", torch.tensor(1.0 if rate is None else rate))
         if projection:
             self.projection: nn.Module = nn.Linear(flat, self.feature_dim)
+            if rate is None:  # auto: what the projection reads, T = 2's over this encoder's
+                probe = _probe((8, self.in_channels, *self.image_size), self.projection.weight)
+                rate = _two_step_input_ratio(
+                    self, lambda m: m.projection, probe, "model.encoder.projection_rate"
+                )
+                self.projection_rate.fill_(rate)
             with torch.no_grad():
                 self.projection.weight.mul_(float(projection_init_scale) / rate)
         elif flat != self.feature_dim:
@@ -316,29 +322,13 @@ class CSCEncoder(_SavedScale, ImageEncoder):
 
     def _run(self, x: Tensor, outs: list[Tensor] | None) -> Tensor:
         self.check_input(x)
-        h = self._last_code(self.stages, self.norms, self.activations, x, outs)
-        return self._finish(self.projection(h.flatten(1) * self.projection_rate))
-
-    @staticmethod
-    def _last_code(stages, norms, activations, x: Tensor, outs: list[Tensor] | None) -> Tensor:
-        """What the projection reads: ``x`` through every stage, its norm and activation."""
         h = x
-        for layer, norm, act in zip(stages, norms, activations, strict=True):
+        for layer, norm, act in zip(self.stages, self.norms, self.activations):
             z = layer(h)
             if outs is not None:
                 outs.append(z)
             h = act(norm(z))
-        return h
-
-    def _two_step_code_ratio(self) -> float:
-        """``projection_rate="auto"``: mean ``|c|`` of the last code (after its norm and
-        activation) with every stage at 2 ISTA steps over the same at the stages' own settings,
-        for 8 standard Gaussian images from a fixed seed (:func:`_two_step_scale_ratio`)."""
-        parts = nn.ModuleList([self.stages, self.norms, self.activations])
-        x = _probe((8, self.in_channels, *self.image_size), self.stages[0].weight)
-        return _two_step_scale_ratio(
-            parts, lambda p: self._last_code(*p, x, None), "model.encoder.projection_rate"
-        )
+        return self._finish(self.projection(h.flatten(1) * self.projection_rate))
 
     def dictionary_misfit(self, x: Tensor) -> Tensor:
         """``Σ_l mean_i (1 − ⟨u, D_l c⟩² / (‖u‖² ‖D_l c‖²))``: for every stage ``l``, the share of
@@ -493,45 +483,31 @@ class CSCDecoder(_SavedScale, ImageDecoder):
                     )
                 )
         self.output_activation = output_activation
-        if gain is None:  # auto
-            parts = nn.ModuleList(self._parts()[:-3])
-            z = nn.functional.normalize(_probe((8, self.feature_dim), self.stages[0].weight), dim=1)
-            gain = _two_step_scale_ratio(
-                parts, lambda p: self._last_input(p, z, None), "model.decoder.last_stage_gain"
+        self.register_buffer("last_stage_gain", torch.tensor(1.0 if gain is None else gain))
+        if gain is None:  # auto: what the last stage reads, T = 2's over this decoder's
+            probe = _probe((8, self.feature_dim), self.stages[0].weight)
+            self.last_stage_gain.fill_(
+                _two_step_input_ratio(
+                    self,
+                    lambda m: m.stages[-1],
+                    nn.functional.normalize(probe, dim=1),
+                    "model.decoder.last_stage_gain",
+                )
             )
-        self.register_buffer("last_stage_gain", torch.tensor(gain))
 
-    def _parts(self) -> list[nn.Module]:
-        """The modules in the order ``_run`` applies them: the projection, its norm and
-        activation, then every stage's layer, norm and activation."""
-        parts = [self.projection, self.projection_norm, self.projection_act]
-        for layer, norm, act in zip(self.stages, self.norms, self.activations):
-            parts += [layer, norm, act]
-        return parts
-
-    def _last_input(
-        self, parts: Sequence[nn.Module], z: Tensor, outs: list[Tensor] | None
-    ) -> Tensor:
-        """What the last stage reads (before its gain), through ``parts`` (``_parts()`` without
-        the last stage's three)."""
-        projection, norm, act, *stages = parts
-        h = act(norm(projection(z).view(z.shape[0], *self.code_shape)))
-        for j in range(len(stages) // 3):
-            layer, norm, act = stages[3 * j : 3 * j + 3]
-            v = layer(h, output_size=self.out_sizes[j])
+    def _run(self, z: Tensor, outs: list[Tensor] | None) -> Tensor:
+        self.check_input(z)
+        h = self.projection(z).view(z.shape[0], *self.code_shape)
+        h = self.projection_act(self.projection_norm(h))
+        last = len(self.stages) - 1
+        for j, (layer, norm, act, size) in enumerate(
+            zip(self.stages, self.norms, self.activations, self.out_sizes)
+        ):
+            v = layer(h * self.last_stage_gain if j == last else h, output_size=size)
             if outs is not None:
                 outs.append(v)
             h = act(norm(v))
         return h
-
-    def _run(self, z: Tensor, outs: list[Tensor] | None) -> Tensor:
-        self.check_input(z)
-        *parts, layer, norm, act = self._parts()
-        h = self._last_input(parts, z, outs)
-        v = layer(h * self.last_stage_gain, output_size=self.out_sizes[-1])
-        if outs is not None:
-            outs.append(v)
-        return act(norm(v))
 
     def _is_code(self) -> list[bool]:
         """``inverse_csc`` stages output a sparse code; ``synthesis`` stages a plain synthesis."""
