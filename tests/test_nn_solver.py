@@ -348,3 +348,67 @@ def test_lambda_zero_is_least_squares_from_zero():
     m = dense_matrix(lambda v: layer.synthesize(v, (6, 5)), (3, *layer.code_size((6, 5))))
     want = torch.linalg.pinv(m) @ x.flatten()
     torch.testing.assert_close(z.flatten(), want, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("algorithm", ["ista", "fista"])
+@pytest.mark.parametrize("nonnegative", [True, False])
+def test_density_sets_each_samples_lambda_at_the_code_quantile(algorithm, nonnegative):
+    """With ``density``, sample n follows DESIGN's iterations with λ_n the (k+1)-th largest
+    entry of Mᵀu_n (signed: of |Mᵀu_n|), k = ⌈ρ·M⌉, read off a float64 sort of the dense
+    correlations; the first step's code then has exactly k non-zeros, and ``lmbda`` is not read."""
+    from ctrl_csc.nn.iteration import lambda_at_density
+
+    rho = 0.3
+    layer, m, x = csc_problem(nonnegative, n_iter=4, algorithm=algorithm, lmbda=0.9)
+    layer.solver.density = rho
+    layer.eval()
+    x = x * torch.tensor([1.0, 7.0], dtype=F64).reshape(2, 1, 1, 1)
+    layer.lipschitz(x.shape[-2:])
+    eta = float(layer.solver.step_size())
+    u = x.reshape(2, -1)
+    corr = u @ m
+    ranked = (corr if nonnegative else corr.abs()).sort(1, descending=True).values
+    k = math.ceil(rho * m.shape[1])
+    lam = ranked[:, k].clamp_min(0)
+    got = lambda_at_density(x, layer.operator(x.shape[-2:]), rho, nonnegative)
+    torch.testing.assert_close(got, lam, rtol=1e-12, atol=1e-14)
+    with torch.no_grad():
+        z = layer(x).reshape(2, -1)
+    for i in range(2):
+        expected = design_iterations(
+            m, u[i : i + 1], eta, float(lam[i]), 0.0, 4, algorithm, nonnegative
+        )
+        torch.testing.assert_close(z[i : i + 1], expected, rtol=1e-10, atol=1e-12)
+    layer.solver.n_iter = 1
+    with torch.no_grad():
+        assert (layer(x) != 0).flatten(1).sum(1).tolist() == [k, k]
+    trace = layer.objective_trace(x)  # the objective at the same per-sample λ
+    torch.testing.assert_close(trace[0], 0.5 * u.square().sum(1), rtol=1e-12, atol=1e-12)
+    z1 = layer(x).reshape(2, -1).detach()
+    last = 0.5 * (u - z1 @ m.T).square().sum(1) + lam * z1.abs().sum(1)
+    torch.testing.assert_close(trace[-1], last, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backward", ["unrolled", "checkpoint"])
+def test_density_gradients_match_finite_differences(backward):
+    """λ_n from the quantile is differentiated through (the gradient reaches its entry)."""
+    layer = CSCLayer(2, 3, 3, stride=2, n_iter=3, density=0.25, backward=backward).double()
+    x = torch.randn(2, 2, 6, 5, dtype=F64, requires_grad=True)
+    layer(x)
+    layer.solver.refresh_lipschitz = False  # a constant step for the finite differences
+    assert _gradcheck_layer(layer, x)
+    deconv = SparseDeconvLayer(3, 2, 3, stride=2, kind="inverse_csc", n_iter=3, density=0.25)
+    deconv = deconv.double()
+    z = torch.randn(2, 3, 3, 3, dtype=F64, requires_grad=True)
+    deconv(z, (5, 6))
+    deconv.solver.refresh_lipschitz = False
+    assert _gradcheck_layer(deconv, z, extra=((5, 6),))
+
+
+def test_density_must_be_a_fraction_and_is_not_learned():
+    for bad in (0, 1, 1.5, -0.1, True, "0.2"):
+        with pytest.raises(ValueError, match="density must be a fraction in \\(0, 1\\)"):
+            CSCLayer(2, 3, 3, density=bad)
+    with pytest.raises(ValueError, match="no λ to learn"):
+        CSCLayer(2, 3, 3, density=0.2, learn_lmbda=True)
+    assert "density=0.2" in repr(CSCLayer(2, 3, 3, density=0.2))

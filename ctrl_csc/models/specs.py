@@ -55,9 +55,9 @@ class CSCStageSpec(EncoderStageOptions):
     Attributes:
         out_channels: number of atoms / code channels.
         kernel_size, stride, padding, lmbda, mu, n_iter, algorithm, nonnegative, normalize_atoms,
-            learn_lmbda, learn_step, power_iters, init_power_iters, lmbda_relative, init_std,
-            backward, compile: the options of the layer, with their defaults and meaning in
-            :class:`~ctrl_csc.nn.stage.EncoderStageOptions` (keyword-only).
+            learn_lmbda, learn_step, power_iters, init_power_iters, lmbda_relative, density,
+            init_std, backward, compile: the options of the layer, with their defaults and
+            meaning in :class:`~ctrl_csc.nn.stage.EncoderStageOptions` (keyword-only).
         norm: normalisation after the stage (``"batch" | "group" | "none"``); ``None`` uses the
             encoder's ``norm``.
         activation: nonlinearity after the norm (``"none"`` by default: the prox is the
@@ -82,8 +82,8 @@ class DeconvStageSpec(DecoderStageOptions):
         in_channels: channels of the code this stage takes.
         kernel_size, stride, padding, kind, lmbda, mu, n_iter, algorithm, nonnegative,
             normalize_atoms, learn_lmbda, learn_step, power_iters, init_power_iters,
-            lmbda_relative, init_std, backward, compile: the options of the layer, with their
-            defaults and meaning in :class:`~ctrl_csc.nn.stage.DecoderStageOptions`
+            lmbda_relative, density, init_std, backward, compile: the options of the layer, with
+            their defaults and meaning in :class:`~ctrl_csc.nn.stage.DecoderStageOptions`
             (keyword-only; the solver options are used by ``inverse_csc``).
         norm: normalisation after the stage (not after the last stage); ``None`` uses the decoder's
             ``norm``.

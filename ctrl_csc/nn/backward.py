@@ -129,12 +129,13 @@ def implicit(
     betas: list[float],
     nonnegative: bool,
     lmbda_relative: bool,
+    density: float | None,
     max_iter: int,
     tol: float,
 ) -> Tensor:
     """``x_T`` with ``T − 1`` iterations run without a graph and the last one recorded, its
     incoming gradient replaced by the implicit one (module docstring)."""
-    c, theta, scaled = data_term(u, operator, a, lmbda, nonnegative, lmbda_relative)
+    c, theta, scaled = data_term(u, operator, a, lmbda, nonnegative, lmbda_relative, density)
     theta_step = None if nonnegative else theta
     if n_iter == 1:
         z = torch.relu(c) if nonnegative else shrink(c, theta)

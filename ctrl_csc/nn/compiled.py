@@ -40,6 +40,7 @@ def segment_function(
     last: int,
     nonnegative: bool,
     lmbda_relative: bool,
+    density: float | None,
     fused: bool,
     callback: Callback | None,
 ) -> Callable[..., tuple[Tensor, Tensor]]:
@@ -50,7 +51,7 @@ def segment_function(
     constants = dict(
         geometry=(operator.stride, operator.padding, operator.output_padding, operator.transposed),
         betas=tuple(betas), first=first, last=last, nonnegative=nonnegative,
-        lmbda_relative=lmbda_relative,
+        lmbda_relative=lmbda_relative, density=density,
     )  # fmt: skip
     if not fused or callback is not None:
         return partial(segment, callback=callback, **constants)

@@ -46,6 +46,7 @@ __all__ = [
     "apply_prox",
     "data_term",
     "fista_momentum",
+    "lambda_at_density",
     "lambda_max",
     "lasso_objective",
     "proximal_gradient_step",
@@ -145,6 +146,19 @@ def _max_correlation(c: Tensor, nonnegative: bool) -> Tensor:
     return m.reshape(-1, *([1] * (c.dim() - 1)))
 
 
+def _quantile_correlation(c: Tensor, nonnegative: bool, density: float) -> Tensor:
+    """Per sample, the ``(k+1)``-th largest of ``c`` (clamped at 0) when ``nonnegative``, else of
+    ``|c|``, ``k = min(⌈density·M⌉, M − 1)`` for ``M`` entries: a threshold there keeps the ``k``
+    largest (ties aside). ``(N, …) → (N, 1, …, 1)``, differentiable through that entry."""
+    flat = c.flatten(1) if nonnegative else c.flatten(1).abs()
+    size = flat.shape[1]
+    k = min(math.ceil(density * size), size - 1)
+    m = flat.kthvalue(size - k, dim=1).values
+    if nonnegative:
+        m = m.clamp_min(0.0)
+    return m.reshape(-1, *([1] * (c.dim() - 1)))
+
+
 def lambda_max(u: Tensor, operator: StridedConv, nonnegative: bool = False) -> Tensor:
     """Per sample, the smallest ``λ`` for which the Lasso solution is ``x* = 0``.
 
@@ -159,6 +173,19 @@ def lambda_max(u: Tensor, operator: StridedConv, nonnegative: bool = False) -> T
         ``(N,)``.
     """
     return _max_correlation(operator.adjoint(u), nonnegative).flatten()
+
+
+def lambda_at_density(
+    u: Tensor, operator: StridedConv, density: float, nonnegative: bool = False
+) -> Tensor:
+    """Per sample, the ``λ`` at which the first ISTA step from zero, ``prox(ηAᵀu)``, keeps the
+    fraction ``density`` of its entries: the ``(k+1)``-th largest of ``Aᵀu`` (of ``|Aᵀu|`` when
+    signed), ``k = ⌈density·M⌉``. Differentiable through that entry.
+
+    Returns:
+        ``(N,)``.
+    """
+    return _quantile_correlation(operator.adjoint(u), nonnegative, density).flatten()
 
 
 def run_iterations(
@@ -204,13 +231,18 @@ def data_term(
     lmbda: Tensor | float,
     nonnegative: bool,
     lmbda_relative: bool,
+    density: float | None = None,
 ) -> tuple[Tensor, Tensor | float, StridedConv]:
     """``(c, θ, a·A)``: ``c = a·Aᵀu`` (minus ``θ = aλ`` when non-negative, fused as the conv's
-    bias), ``θ`` per sample ``(N, 1, 1, 1)`` when ``lmbda_relative``."""
+    bias), ``θ`` per sample ``(N, 1, 1, 1)`` when ``lmbda_relative`` or ``density`` (which
+    replaces ``lmbda``: :func:`lambda_at_density`)."""
     scaled = operator.scaled(a)
-    if lmbda_relative:
+    if lmbda_relative or density is not None:
         c = scaled.adjoint(u)  # a Aᵀu, whose per-sample max is a·λ_max (a > 0)
-        theta = lmbda * _max_correlation(c, nonnegative)  # a λ_n, shape (N, 1, 1, 1)
+        if density is not None:  # a λ_n at the (k+1)-th largest entry
+            theta = _quantile_correlation(c, nonnegative, density)
+        else:
+            theta = lmbda * _max_correlation(c, nonnegative)  # a λ_n, shape (N, 1, 1, 1)
         if nonnegative:
             c = c - theta  # a (Aᵀu − λ_n)
     elif nonnegative:
@@ -241,6 +273,7 @@ def segment(
     last: int,
     nonnegative: bool,
     lmbda_relative: bool,
+    density: float | None = None,
     callback: Callback | None = None,
     traced: bool = False,
 ) -> tuple[Tensor, Tensor]:
@@ -249,7 +282,7 @@ def segment(
     only, so a checkpoint can replay it from fresh leaves and ``torch.compile`` can trace it
     (``traced=True``, see :func:`apply_prox`)."""
     op = StridedConv(weight, *geometry)
-    c, theta, scaled = data_term(u, op, a, lmbda, nonnegative, lmbda_relative)
+    c, theta, scaled = data_term(u, op, a, lmbda, nonnegative, lmbda_relative, density)
     if z is None:
         if traced:
             z = apply_prox(c, theta, nonnegative, traced)  # (traced: c is not consumed)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .backward import checkpointed, implicit
 from .compiled import compile_available, segment_function
-from .iteration import Callback, fista_momentum, lambda_max, lasso_objective
+from .iteration import Callback, fista_momentum, lambda_at_density, lambda_max, lasso_objective
 from .lipschitz import LipschitzEstimate
 from .stage import ALGORITHMS, BACKWARDS, EncoderStageOptions, StageOptions
 from .strided_conv import StridedConv
@@ -50,6 +50,7 @@ def unrolled_lasso(
     nonnegative: bool = False,
     callback: Callback | None = None,
     lmbda_relative: bool = False,
+    density: float | None = None,
     backward: str = "unrolled",
     fused: bool = False,
     implicit_max_iter: int = 200,
@@ -66,6 +67,10 @@ def unrolled_lasso(
     ``λ_n = ρ·λ_max(u_n)`` (:func:`lambda_max`, differentiated through as well): the same ``ρ``
     then gives comparable sparsity at any input scale (after a normalisation, after an earlier
     stage), and ``ρ ≥ 1`` gives the zero code. ``λ_max`` comes from ``Aᵀu``, computed anyway.
+    With ``density`` the sample's ``λ_n`` is instead the value at which the first step's code
+    keeps that fraction of its entries (:func:`~ctrl_csc.nn.iteration.lambda_at_density`), and
+    ``lmbda`` is not read: a code density set directly, whatever the dictionary does to the
+    spread of ``Aᵀu``.
 
     Args:
         u: data ``(N, C_u, H_u, W_u)`` in the range of ``A``.
@@ -79,6 +84,7 @@ def unrolled_lasso(
         callback: called as ``callback(t, x_t)`` after each step ``t = 1..T`` (for objective
             traces); ``None`` in normal use.
         lmbda_relative: ``λ = lmbda · λ_max(u)`` per sample (see above).
+        density: ``None``, or ``ρ ∈ (0, 1)``: ``λ`` per sample from the code density (above).
         backward: ``"unrolled"``, ``"checkpoint"`` or ``"implicit"`` (module docstring); the
             forward value is the same ``x_T`` for all three. ``"implicit"`` with a ``step``
             that requires grad is refused (its gradient would be silently zero).
@@ -122,7 +128,7 @@ def unrolled_lasso(
         u = u.contiguous(memory_format=torch.channels_last)
     common = dict(
         operator=operator, betas=betas, nonnegative=nonnegative, lmbda_relative=lmbda_relative,
-        fused=fused, callback=callback,
+        density=density, fused=fused, callback=callback,
     )  # fmt: skip
     if backward == "unrolled" or n_iter == 1 and backward == "checkpoint":
         z, _ = segment_function(first=1, last=n_iter, **common)(
@@ -133,7 +139,8 @@ def unrolled_lasso(
         return checkpointed(u, a, lmbda, s, n_iter=n_iter, **common)
     return implicit(
         u, operator, a, lmbda, s, mu=mu, n_iter=n_iter, betas=betas, nonnegative=nonnegative,
-        lmbda_relative=lmbda_relative, max_iter=implicit_max_iter, tol=implicit_tol,
+        lmbda_relative=lmbda_relative, density=density, max_iter=implicit_max_iter,
+        tol=implicit_tol,
     )  # fmt: skip
 
 
@@ -161,13 +168,15 @@ class UnrolledLasso(LipschitzEstimate):
     parameter ``raw_lmbda`` (kept positive). With ``lmbda_relative`` the value is a fraction of
     each sample's ``λ_max = ‖Aᵀu‖_∞`` (see :func:`unrolled_lasso`), learned as
     ``sigmoid(ρ)``: kept below 1, where every code would be zero and ``ρ``'s gradient with it.
+    With ``density``, each sample's ``λ`` is set by the fraction of non-zeros it gives the first
+    step's code, and ``lmbda`` is not read.
 
     Args:
         channels: channels of the unknown (for the power-iteration vector).
         options: the stage's options object (:class:`~ctrl_csc.nn.stage.StageOptions` of either
             role, validated when it was made), of which the solver reads ``lmbda``, ``mu``,
             ``n_iter``, ``algorithm``, ``nonnegative``, ``learn_lmbda``, ``learn_step``,
-            ``power_iters``, ``init_power_iters``, ``lmbda_relative``, ``backward`` and
+            ``power_iters``, ``init_power_iters``, ``lmbda_relative``, ``density``, ``backward`` and
             ``compile`` (meanings there and in :func:`unrolled_lasso`; with ``compile``, where
             ``torch.compile`` cannot run, a warning is given once and the eager path is used).
             ``None``: an encoder stage's defaults. Kept as ``options``; the attributes made from
@@ -190,6 +199,7 @@ class UnrolledLasso(LipschitzEstimate):
         self.backward = opts.backward
         self.compile = opts.compile
         self.lmbda_relative = bool(opts.lmbda_relative)
+        self.density = None if opts.density is None else float(opts.density)
         self.mu = float(opts.mu)
         self.n_iter = int(opts.n_iter)
         self.algorithm = opts.algorithm
@@ -254,7 +264,8 @@ class UnrolledLasso(LipschitzEstimate):
         self.update_lipschitz(operator, unknown_size, data_size, self.training)
         z = unrolled_lasso(
             u, operator, self.step_size(), self.lmbda, self.mu, self.n_iter, self.algorithm,
-            self.nonnegative, lmbda_relative=self.lmbda_relative, backward=self.backward,
+            self.nonnegative, lmbda_relative=self.lmbda_relative, density=self.density,
+            backward=self.backward,
             fused=self._fused(), implicit_max_iter=self.implicit_max_iter,
             implicit_tol=self.implicit_tol,
         )  # fmt: skip
@@ -275,8 +286,10 @@ class UnrolledLasso(LipschitzEstimate):
         return False
 
     def effective_lmbda(self, u: Tensor, operator: StridedConv) -> Tensor | float:
-        """The ``λ`` each sample of ``u`` is solved with: ``(N,)`` when relative, else
-        :attr:`lmbda`."""
+        """The ``λ`` each sample of ``u`` is solved with: ``(N,)`` when relative or set by the
+        code density, else :attr:`lmbda`."""
+        if self.density is not None:
+            return lambda_at_density(u, operator, self.density, self.nonnegative)
         if not self.lmbda_relative:
             return self.lmbda
         return self.lmbda * lambda_max(u, operator, self.nonnegative)
@@ -307,14 +320,16 @@ class UnrolledLasso(LipschitzEstimate):
         unrolled_lasso(
             u, operator, self.step_size(), self.lmbda, self.mu, self.n_iter, self.algorithm,
             self.nonnegative, callback=record, lmbda_relative=self.lmbda_relative,
+            density=self.density,
         )  # fmt: skip
         return torch.stack(rows)
 
     def extra_repr(self) -> str:
         lmbda = "learned" if self.raw_lmbda is not None else self._fixed_lmbda
         rel = ", lmbda_relative=True" if self.lmbda_relative else ""
+        threshold = f"density={self.density}" if self.density is not None else f"lmbda={lmbda}{rel}"
         return (
-            f"lmbda={lmbda}{rel}, mu={self.mu}, n_iter={self.n_iter}, "
+            f"{threshold}, mu={self.mu}, n_iter={self.n_iter}, "
             f"algorithm={self.algorithm!r}, "
             f"nonnegative={self.nonnegative}, learn_step={self.raw_step_scale is not None}, "
             f"power_iters={self.power_iters}, init_power_iters={self.init_power_iters}"

@@ -172,6 +172,11 @@ class StageOptions:
         lmbda_relative: ``lmbda`` is a fraction ``ρ < 1`` of each sample's ``λ_max = ‖Dᵀx‖_∞``
             (``max(Dᵀx)`` for non-negative codes), the smallest λ giving the zero code:
             ``λ = ρ·λ_max`` means the same at every stage and input scale.
+        density: ``None``, or a fraction ``ρ ∈ (0, 1)`` that sets each sample's ``λ`` instead of
+            ``lmbda``: the value at which the first ISTA step from zero keeps the ``⌈ρ·M⌉``
+            largest of the code's ``M`` entries. Later steps move the support a little (at
+            ``T = 2`` the code stays within a few hundredths of ``ρ``); the learned dictionary
+            cannot make the code denser, as it can with a relative ``λ``.
         init_std: ``None``: the stored atoms start at unit norm; a number: their entries start
             i.i.d. ``N(0, init_std²)``. With ``normalize_atoms`` the operators use unit-norm
             atoms either way, and the stored scale only sets how fast an optimiser that steps
@@ -205,6 +210,7 @@ class StageOptions:
     power_iters: int = 1
     init_power_iters: int = 50
     lmbda_relative: bool = False
+    density: float | None = None
     init_std: float | None = None
     backward: str = "unrolled"
     compile: bool = False
@@ -322,6 +328,14 @@ def check_lmbda(value: Any, setting: str) -> None:
     _at_least_zero(value, setting)
 
 
+def check_density(value: Any, setting: str) -> None:
+    """``density``: ``None`` or a number in ``(0, 1)``."""
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1
+    ):
+        raise ValueError(f"{setting} must be a fraction in (0, 1) or null, got {value!r}")
+
+
 def check_mu(value: Any, setting: str) -> None:
     _at_least_zero(value, setting)
 
@@ -370,6 +384,7 @@ CHECKS: dict[str, Callable[[Any, str], None]] = {
     "stride": check_stride,
     "padding": check_padding,
     "lmbda": check_lmbda,
+    "density": check_density,
     "mu": check_mu,
     "n_iter": check_n_iter,
     "algorithm": check_algorithm,
@@ -400,6 +415,15 @@ def check_learned_lmbda(options: Mapping[str, Any], prefix: str) -> None:
         )
 
 
+def check_density_not_learned(options: Mapping[str, Any], prefix: str) -> None:
+    """``density`` sets ``λ`` itself: it refuses ``learn_lmbda``."""
+    if options.get("density") is not None and options.get("learn_lmbda"):
+        raise ValueError(
+            f"{prefix}density sets each sample's λ from the code's density, so there is no λ to "
+            f"learn; use learn_lmbda=False with density, or density=null"
+        )
+
+
 def check_implicit_step(options: Mapping[str, Any], prefix: str) -> None:
     """``backward="implicit"`` refuses ``learn_step``."""
     if options.get("backward") == "implicit" and options.get("learn_step"):
@@ -426,6 +450,7 @@ def check_synthesis_learns_nothing(options: Mapping[str, Any], prefix: str) -> N
 RELATIONS: tuple[Callable[[Mapping[str, Any], str], None], ...] = (
     check_relative_lmbda,
     check_learned_lmbda,
+    check_density_not_learned,
     check_implicit_step,
     check_synthesis_learns_nothing,
 )

@@ -285,7 +285,7 @@ _MODEL_SIZES = frozenset(
     {"in_channels", "out_channels", "channels", "kernel_size", "stride", "n_iter", "image_size",
      "feature_dim", "hidden_channels", "base_channels"}
 )  # fmt: skip
-_MODEL_NUMBERS = frozenset({"lmbda", "mu", "init_std", "lmbda_relative"})
+_MODEL_NUMBERS = frozenset({"lmbda", "mu", "init_std", "lmbda_relative", "density"})
 #: Model settings that are lists of sizes (the csc_ctrl_* configs' stage widths).
 _SIZE_LISTS = frozenset({"widths"})
 
