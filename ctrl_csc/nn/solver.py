@@ -265,8 +265,7 @@ class UnrolledLasso(LipschitzEstimate):
         z = unrolled_lasso(
             u, operator, self.step_size(), self.lmbda, self.mu, self.n_iter, self.algorithm,
             self.nonnegative, lmbda_relative=self.lmbda_relative, density=self.density,
-            backward=self.backward,
-            fused=self._fused(), implicit_max_iter=self.implicit_max_iter,
+            backward=self.backward, fused=self._fused(), implicit_max_iter=self.implicit_max_iter,
             implicit_tol=self.implicit_tol,
         )  # fmt: skip
         return z
