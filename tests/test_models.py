@@ -686,3 +686,17 @@ def test_decoder_position_defaults_yield_to_explicit_settings():
     enc = CSCEncoder(1, 8, [{"out_channels": 4}, {"out_channels": 4, "stride": 2, "padding": 2}])
     assert [(s.kernel_size, s.padding) for s in enc.specs] == [(3, None), (4, 2)]
     assert enc.code_shape == (4, 5, 5)
+
+
+def test_a_config_density_reaches_every_encoder_stage_and_holds_on_images():
+    """``+model.encoder.stage_defaults.density=0.2`` composed by Hydra gives every encoder stage
+    (not the decoder's) that density, and their codes of held-out-like images keep it (T = 2 moves
+    the first step's exact fraction by a few hundredths at most)."""
+    cfg = compose_model("csc_ctrl_mini", 1, 32, "+model.encoder.stage_defaults.density=0.2")
+    torch.manual_seed(0)
+    enc, dec = instantiate(cfg.encoder), instantiate(cfg.decoder)
+    assert [s.density for s in enc.specs] == [0.2, 0.2, 0.2]
+    assert all(s.density is None for s in dec.specs)
+    _, codes = enc.eval().forward_with_codes(torch.rand(16, 1, 32, 32) * 2 - 1)
+    densities = [float((c != 0).float().mean()) for c in codes]
+    assert all(0.15 <= d <= 0.2 + 1e-3 for d in densities), densities
