@@ -134,26 +134,19 @@ def _threshold_bias(theta: Tensor | float, channels: int, like: Tensor) -> Tenso
     return torch.full((channels,), -float(theta), dtype=like.dtype, device=like.device)
 
 
-def _max_correlation(c: Tensor, nonnegative: bool) -> Tensor:
-    """Per sample, ``max_j c_j`` (clamped at 0) when ``nonnegative``, else ``max_j |c_j|``:
-    ``(N, …) → (N, 1, …, 1)`` (differentiable: the gradient reaches the maximising entry)."""
+def _ranked_correlation(c: Tensor, nonnegative: bool, density: float | None = None) -> Tensor:
+    """Per sample, the largest entry of ``c`` (clamped at 0) when ``nonnegative``, else of
+    ``|c|``; with ``density``, the ``(k+1)``-th largest instead, ``k = min(⌈density·M⌉, M − 1)``
+    for ``M`` entries, so that a threshold there keeps the ``k`` largest (ties aside).
+    ``(N, …) → (N, 1, …, 1)``, differentiable: the gradient reaches that one entry."""
     flat = c.flatten(1) if nonnegative else c.flatten(1).abs()
-    # gather at the argmax: the gradient goes to one maximising entry (a cheaper backward than
-    # amax's, which spreads it over ties through full-size masks)
-    m = flat.gather(1, flat.argmax(1, keepdim=True)).squeeze(1)
-    if nonnegative:
-        m = m.clamp_min(0.0)
-    return m.reshape(-1, *([1] * (c.dim() - 1)))
-
-
-def _quantile_correlation(c: Tensor, nonnegative: bool, density: float) -> Tensor:
-    """Per sample, the ``(k+1)``-th largest of ``c`` (clamped at 0) when ``nonnegative``, else of
-    ``|c|``, ``k = min(⌈density·M⌉, M − 1)`` for ``M`` entries: a threshold there keeps the ``k``
-    largest (ties aside). ``(N, …) → (N, 1, …, 1)``, differentiable through that entry."""
-    flat = c.flatten(1) if nonnegative else c.flatten(1).abs()
-    size = flat.shape[1]
-    k = min(math.ceil(density * size), size - 1)
-    m = flat.kthvalue(size - k, dim=1).values
+    if density is None:
+        # gather at the argmax: a cheaper backward than amax's, which spreads the gradient over
+        # ties through full-size masks
+        m = flat.gather(1, flat.argmax(1, keepdim=True)).squeeze(1)
+    else:
+        size = flat.shape[1]
+        m = flat.kthvalue(size - min(math.ceil(density * size), size - 1), dim=1).values
     if nonnegative:
         m = m.clamp_min(0.0)
     return m.reshape(-1, *([1] * (c.dim() - 1)))
@@ -172,7 +165,7 @@ def lambda_max(u: Tensor, operator: StridedConv, nonnegative: bool = False) -> T
     Returns:
         ``(N,)``.
     """
-    return _max_correlation(operator.adjoint(u), nonnegative).flatten()
+    return _ranked_correlation(operator.adjoint(u), nonnegative).flatten()
 
 
 def lambda_at_density(
@@ -185,7 +178,7 @@ def lambda_at_density(
     Returns:
         ``(N,)``.
     """
-    return _quantile_correlation(operator.adjoint(u), nonnegative, density).flatten()
+    return _ranked_correlation(operator.adjoint(u), nonnegative, density).flatten()
 
 
 def run_iterations(
@@ -239,10 +232,9 @@ def data_term(
     scaled = operator.scaled(a)
     if lmbda_relative or density is not None:
         c = scaled.adjoint(u)  # a Aᵀu, whose per-sample max is a·λ_max (a > 0)
-        if density is not None:  # a λ_n at the (k+1)-th largest entry
-            theta = _quantile_correlation(c, nonnegative, density)
-        else:
-            theta = lmbda * _max_correlation(c, nonnegative)  # a λ_n, shape (N, 1, 1, 1)
+        theta = _ranked_correlation(c, nonnegative, density)  # a λ_n, shape (N, 1, 1, 1)
+        if density is None:
+            theta = lmbda * theta  # a ρ λ_max
         if nonnegative:
             c = c - theta  # a (Aᵀu − λ_n)
     elif nonnegative:
