@@ -29,6 +29,8 @@ def build_optimizers(encoder, decoder, enc_opt, dec_opt, max_steps, lr_decay, fi
         raise SystemExit(
             "no encoder stage has a density: add +model.encoder.stage_defaults.density=R"
         )
+    if "encoder" not in schedulers:
+        raise SystemExit("the ramp follows the encoder's lr schedule: set optim.lr_decay=linear")
     scheduler = schedulers["encoder"]
     step_orig = scheduler.step
 

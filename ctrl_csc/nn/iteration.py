@@ -232,9 +232,9 @@ def data_term(
     scaled = operator.scaled(a)
     if lmbda_relative or density is not None:
         c = scaled.adjoint(u)  # a Aᵀu, whose per-sample max is a·λ_max (a > 0)
-        theta = _ranked_correlation(c, nonnegative, density)  # a λ_n, shape (N, 1, 1, 1)
+        theta = _ranked_correlation(c, nonnegative, density)  # (N, 1, 1, 1): a λ_n, or a λ_max
         if density is None:
-            theta = lmbda * theta  # a ρ λ_max
+            theta = lmbda * theta  # a λ_n = a·lmbda·λ_max
         if nonnegative:
             c = c - theta  # a (Aᵀu − λ_n)
     elif nonnegative:
