@@ -67,6 +67,18 @@ def test_comparison_reports_every_csc_stage_of_an_encoder():
         assert 0 < metrics[f"{key}/density"] < 1
         assert metrics[f"{key}/residual_at_density"] >= 0
         assert metrics[f"{key}/residual_classical"] >= 0
+        assert f"{key}/residual_init_at_density" not in metrics
+    # an encoder that has not trained is its own start: the initial atoms code exactly as well
+    metrics, _ = classical_comparison(enc, images, images[:1], steps=5, initial_encoder=enc)
+    torch.manual_seed(1)
+    other = CSCEncoder(1, 16, stages, feature_dim=8)
+    other_metrics, _ = classical_comparison(enc, images, images[:1], steps=5, initial_encoder=other)
+    for i in range(2):
+        key = f"dictionary/enc{i}"
+        assert metrics[f"{key}/residual_init_at_density"] == metrics[f"{key}/residual_at_density"]
+        assert other_metrics[f"{key}/residual_init_at_density"] != pytest.approx(
+            other_metrics[f"{key}/residual_at_density"], rel=1e-6
+        )
 
 
 def test_the_eval_command_compares_each_stage_with_a_classical_dictionary(tmp_path):
@@ -88,6 +100,7 @@ def test_the_eval_command_compares_each_stage_with_a_classical_dictionary(tmp_pa
         assert (
             0 <= metrics[f"{key}/residual_classical"] and 0 <= metrics[f"{key}/residual_at_density"]
         )
+        assert 0 <= metrics[f"{key}/residual_init_at_density"]  # the release's seed re-creates it
     assert (tmp_path / "dictionary.png").stat().st_size > 0
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         bad = compose("eval", overrides=["eval.classical_steps=-1"])

@@ -217,10 +217,11 @@ def write_generations(
     return report.metrics
 
 
-def compare_with_classical(encoder, cfg, data_cfg, loader, ecfg, device):
+def compare_with_classical(encoder, cfg, data_cfg, loader, ecfg, device, initial_encoder=None):
     """``eval.classical_steps > 0``: each CSC stage against a classical dictionary learned on
     the stage's inputs from ``eval.classical_images`` training images, compared at equal density
-    on as many held-out images (:func:`ctrl_csc.eval.classical.classical_comparison`)."""
+    on as many held-out images, with the initial atoms too where the run's start can be re-created
+    (:func:`ctrl_csc.eval.classical.classical_comparison`)."""
     n = ecfg.classical_images
     train_set = seeded_subset(build_eval_dataset(cfg, data_cfg, "train"), n)
     train = DataLoader(train_set, batch_size=ecfg.batch_size, num_workers=ecfg.num_workers)
@@ -239,7 +240,11 @@ def compare_with_classical(encoder, cfg, data_cfg, loader, ecfg, device):
             seen += len(x)
 
     return classical_comparison(
-        encoder, images(train, n), images(loader, n), steps=ecfg.classical_steps
+        encoder,
+        images(train, n),
+        images(loader, n),
+        steps=ecfg.classical_steps,
+        initial_encoder=initial_encoder,
     )
 
 
@@ -260,7 +265,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     if wants_probe or generate:
         probe_set = seeded_subset(build_eval_dataset(cfg, data_cfg, "train"), ecfg.probe_images)
         probe = DataLoader(probe_set, batch_size=ecfg.batch_size, num_workers=ecfg.num_workers)
-    initial = initial_models(train_config, source) if "dictionary" in ecfg.metrics else None
+    wants_initial = "dictionary" in ecfg.metrics or bool(ecfg.get("classical_steps"))
+    initial = initial_models(train_config, source) if wants_initial else None
     initial_encoder = None if initial is None else initial[0]
     result = evaluate_reconstructions(
         model.encoder,
@@ -281,7 +287,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
     classical = None
     if ecfg.get("classical_steps") and csc_stages(model.encoder):
         classical_metrics, classical = compare_with_classical(
-            model.encoder, cfg, data_cfg, loader, ecfg, device
+            model.encoder, cfg, data_cfg, loader, ecfg, device, initial_encoder
         )
         result.metrics.update(classical_metrics)
     metrics = {

@@ -18,7 +18,10 @@ has in the trained encoder, and the residual ``sqrt(Σ‖u − D z‖² / Σ‖u
 * ``dictionary/enc{i}/density`` — the stage's code density in the trained encoder (held-out);
 * ``dictionary/enc{i}/residual_at_density`` — the learned atoms, re-coded to convergence at that
   density;
-* ``dictionary/enc{i}/residual_classical`` — the classical atoms, the same way.
+* ``dictionary/enc{i}/residual_classical`` — the classical atoms, the same way;
+* ``dictionary/enc{i}/residual_init_at_density`` — (given the initial encoder) the stage's
+  initial atoms, the same way: the floor the other two are read against, since at a high density
+  even random atoms span the inputs and any dictionary comes near the classical one.
 """
 
 from __future__ import annotations
@@ -181,6 +184,7 @@ def classical_comparison(
     test_images: Iterable[Tensor],
     steps: int = 300,
     seed: int = 0,
+    initial_encoder: nn.Module | None = None,
 ) -> tuple[dict[str, float], dict[int, Tensor]]:
     """Each CSC stage's learned dictionary against a classical one at equal density.
 
@@ -190,6 +194,8 @@ def classical_comparison(
             trained encoder's earlier stages).
         test_images: held-out batches: the density and the residuals are measured on them.
         steps: steps of :func:`learn_classical_dictionary` per stage.
+        initial_encoder: the same model at initialisation (its dictionaries are coded at the
+            same density too), or ``None``.
 
     Returns:
         ``(metrics, {i: classical atoms})`` with the metrics of the module docstring.
@@ -197,6 +203,7 @@ def classical_comparison(
     train = stage_inputs(encoder, train_images)
     test = stage_inputs(encoder, test_images)
     layers = dict(csc_stages(encoder))
+    initial = {} if initial_encoder is None else dict(csc_stages(initial_encoder))
     metrics: dict[str, float] = {}
     atoms: dict[int, Tensor] = {}
     for i, (u, z) in test.items():
@@ -208,4 +215,8 @@ def classical_comparison(
         metrics[f"{key}/density"] = density
         metrics[f"{key}/residual_at_density"] = code_at_density(layer, learned, u, density)[2]
         metrics[f"{key}/residual_classical"] = code_at_density(layer, atoms[i], u, density)[2]
+        if i in initial:
+            start = initial[i].dictionary().detach().to(learned.device)
+            _, _, residual = code_at_density(layer, start, u, density)
+            metrics[f"{key}/residual_init_at_density"] = residual
     return metrics, atoms

@@ -461,7 +461,9 @@ def _v_dictionaries(results):
             if None in (res, res0, at, classical):
                 return "incomplete"
             ok &= moved > 0.1 and res < res0 and at <= CLASSICAL_RATIO * classical
-            stages.append(f"{i}: moved {moved:.2f}, {at:.3f} vs classical {classical:.3f}")
+            start = t.get(f"dictionary/enc{i}/residual_init_at_density")
+            floor = "" if start is None else f" (initial atoms {start:.3f})"
+            stages.append(f"{i}: moved {moved:.2f}, {at:.3f} vs classical {classical:.3f}{floor}")
             i += 1
         if not stages:
             return "incomplete"
