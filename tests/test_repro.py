@@ -206,6 +206,10 @@ def test_verdicts_follow_their_criteria():
 
     assert _claim("structured")(atoms(1.05)).startswith("**reproduced**")
     assert _claim("structured")(atoms(1.5)).startswith("**not reproduced**")
+    assert "initial atoms" not in _claim("structured")(atoms(1.05))
+    floor = atoms(1.05)
+    floor["csc_ctrl_mnist"].test["dictionary/enc0/residual_init_at_density"] = 0.45
+    assert "0.210 vs classical 0.200 (initial atoms 0.450)" in _claim("structured")(floor)
     no_classical = atoms(1.0)
     del no_classical["csc_ctrl_photos"].test["dictionary/enc0/residual_classical"]
     assert _claim("structured")(no_classical) == "incomplete"
