@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR")
     parser.add_argument("--target", type=float, default=0.20, help="density target (a line)")
     args = parser.parse_args()
-    fig = Figure(figsize=(6.5, 4.5))
+    fig = Figure(figsize=(10, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     # one colour per run, up to 20: tab20's ten dark shades first, then their light pairs
@@ -55,7 +55,8 @@ def main() -> None:
     ax.axvline(args.target, color="k", linestyle="--", linewidth=0.8)
     ax.set_xlabel("code density of each encoder stage (held-out)")
     ax.set_ylabel("held-out PSNR (dB)")
-    ax.legend(fontsize=7, loc="lower right")
+    # beside the axes, so that no point hides behind it
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(args.output, dpi=120)
 
