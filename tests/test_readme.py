@@ -31,10 +31,11 @@ def test_readme_python_example_runs(tmp_path):
 @pytest.mark.slow
 def test_readme_python_example_learns(tmp_path):
     """As written (200 steps on mnist5k, about 1.5 min on 2 cores), the example reconstructs
-    held-out digits: 18.6 dB measured, the mean training image scores 12.7."""
+    held-out digits: 20.3 dB measured (18.6 with both players at lr 1e-3), the mean training image
+    scores 12.7."""
     torch.set_num_threads(2)
     psnr = python_example(tmp_path)["metrics"]["psnr"]
-    assert psnr >= 15.0, f"the README's Python example reached {psnr:.2f} dB after 200 steps"
+    assert psnr >= 18.0, f"the README's Python example reached {psnr:.2f} dB after 200 steps"
 
 
 def test_readme_commands_are_the_ci_commands():
