@@ -159,26 +159,23 @@ def test_eval_refuses_a_pickled_payload(tmp_path):
 # (22.85 against 12.71 dB; 19.27 against 12.80 dB), both retrained with the decoder at 3x the
 # encoder's learning rate (experiments/notes/sparse_deep.md §20).
 RELEASES = {"quickstart": ([], 9.0), "photos": (["experiment=photos_mini"], 6.0)}
-#: settings added after the releases were trained, with the default that leaves the run as it was
-ADDED_SINCE = {("loss", "code_beta"): 0.0, ("loss", "dictionary_beta"): 0.0}
 
 
 @pytest.mark.parametrize("name", sorted(RELEASES))
 def test_the_shipped_models_are_present_and_runs_of_their_commands(name):
     assert set(PRETRAINED) == set(RELEASES) and PRETRAINED[name].is_file()
-    for key in ("code_beta", "dictionary_beta"):
-        assert inspect.signature(CTRLStep).parameters[key].default == ADDED_SINCE[("loss", key)]
+    for key in ("code_beta", "dictionary_beta"):  # the extensions of the game are off by default
+        assert inspect.signature(CTRLStep).parameters[key].default == 0.0
     states, config, metrics = read_release(PRETRAINED[name])
     # the projection's rate and the last stage's gain are stored, at T = 2's 1
     assert states["encoder"]["projection_rate"].item() == 1.0
     assert states["decoder"]["last_stage_gain"].item() == 1.0
     overrides, margin = RELEASES[name]
     command = OmegaConf.to_container(compose_cfg("train", overrides), resolve=True)
-    for group in ("model", "dataset", "loss", "optim"):  # (the quickstart release also keeps
-        # model.family, a key removed since; the loader ignores it; the model's shape keys act
-        # through model.encoder / model.decoder, compared resolved)
+    for group in ("model", "dataset", "loss", "optim"):  # (the model's shape keys act through
+        # model.encoder / model.decoder, compared resolved)
         keys = [k for k in command[group] if not (group == "model" and k in CONFIG_SHAPE_KEYS)]
-        stored = {k: config[group].get(k, ADDED_SINCE.get((group, k))) for k in keys}
+        stored = {k: config[group].get(k) for k in keys}
         assert stored == {k: command[group][k] for k in keys}, group
     assert config["trainer"]["max_steps"] == command["trainer"]["max_steps"] == metrics["step"]
     assert metrics["psnr"] > metrics["psnr_mean_image"] + margin
