@@ -1,6 +1,6 @@
 """``ctrl-csc-repro``: train and evaluate every run of the suite, then write the tables.
 
-    ctrl-csc-repro                          # the miniature: embedded data, CPU, ~36 min on 2 cores
+    ctrl-csc-repro                          # the miniature: embedded data, CPU, ~39 min on 2 cores
     ctrl-csc-repro --smoke                  # every row for a few steps (CI)
     ctrl-csc-repro --only 'csc_ctrl_mnist*' # some rows (shell-style pattern on the run names)
     ctrl-csc-repro --report-only            # tables and figures from the runs already there
