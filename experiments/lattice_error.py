@@ -36,11 +36,10 @@ def lattice_masks(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
     return period2, period4
 
 
-def shares(e: torch.Tensor) -> tuple[float, float]:
-    """The share of ``e``'s power (summed over images and channels) in each lattice's bins."""
+def shares(e: torch.Tensor, masks: tuple[torch.Tensor, ...]) -> list[float]:
+    """The share of ``e``'s power (summed over images and channels) in each mask's bins."""
     power = torch.fft.fft2(e.double()).abs().pow(2).sum((0, 1))
-    total = power.sum()
-    return tuple((power[m].sum() / total).item() for m in lattice_masks(*power.shape))
+    return [(power[m].sum() / power.sum()).item() for m in masks]
 
 
 def main() -> None:
@@ -56,9 +55,9 @@ def main() -> None:
         x = images(cfg, "test")[: args.images].float()
         with torch.no_grad():
             _, x_hat = model(x)
-        p2, p4 = lattice_masks(*x.shape[-2:])
-        s2, s4 = shares(x_hat - x)
-        a2, a4 = p2.double().mean().item(), p4.double().mean().item()
+        masks = lattice_masks(*x.shape[-2:])
+        s2, s4 = shares(x_hat - x, masks)
+        a2, a4 = (m.double().mean().item() for m in masks)
         print(f"| {path} | {s2:.3f} | {a2:.3f} | {s4:.3f} | {a4:.3f} |")
 
 
