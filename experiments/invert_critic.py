@@ -14,7 +14,8 @@ this critic are not the images.
 ``--picture``: 24 held-out inputs above their inversions. experiments/notes/photos.md §12.
 ``--pixel`` trains the decoder on the pixel error instead: not the game, a probe of how much of
 the image the frozen features hold; ``--then-game N`` then trains that decoder N steps on the
-game's objective against the same frozen critic (§14).
+game's objective against the same frozen critic (§14). ``--views K`` averages the game's
+objective over K flips and transposes of the input and its transcription (§20).
 """
 
 from __future__ import annotations
@@ -54,6 +55,19 @@ class last_code(torch.nn.Module):  # noqa: N801 (used as a function of the encod
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.encoder
         return f.activations[-1](f.norms[-1](f.stage_outputs(x)[-1])).flatten(1)
+
+
+def view(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
+    """The k-th of the 8 dihedral views of square images (k = 0 is the identity): bit 2
+    transposes, bits 0 and 1 flip the last and the second-last axis; ``inverse`` undoes it."""
+    flips = [d for bit, d in ((0, -1), (1, -2)) if k >> bit & 1]
+    if inverse and k & 4:
+        x = x.transpose(-1, -2)
+    if flips:
+        x = x.flip(flips)
+    if not inverse and k & 4:
+        x = x.transpose(-1, -2)
+    return x
 
 
 def _spectrum(a: torch.Tensor) -> torch.Tensor:
@@ -131,6 +145,15 @@ def main() -> None:
         help="with --fresh --pixel: the probe reads the encoder's last stage code (flattened)"
         " instead of its feature: what the CSC stages keep, before the projection",
     )
+    ap.add_argument(
+        "--views",
+        type=int,
+        default=1,
+        choices=(1, 2, 4, 8),
+        help="the game's objective averaged over this many dihedral views V_k of the input and "
+        "its transcription, f(V_k x) against f(V_k g(f(x))): a critic whose fibres are the "
+        "intersection of the views' (does the decoder then move from a sample to the mean?)",
+    )
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--picture", default=None)
     args = ap.parse_args()
@@ -180,7 +203,14 @@ def main() -> None:
             if pixel:
                 loss = (g(z) - x).pow(2).flatten(1).sum(1).mean()
             else:
-                loss = objective(z, f(g(z)), None).decoder_total
+                x_hat = g(z)
+                loss = (
+                    sum(
+                        objective(f(view(x, k)) if k else z, f(view(x_hat, k)), None).decoder_total
+                        for k in range(args.views)
+                    )
+                    / args.views
+                )
             opt.zero_grad()
             loss.backward()
             opt.step()

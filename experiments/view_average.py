@@ -20,20 +20,7 @@ import ctrl_csc
 from ctrl_csc.eval.metrics import psnr
 
 sys.path.insert(0, str(Path(__file__).parent))
-from invert_critic import images  # noqa: E402
-
-
-def view(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
-    """The k-th of the 8 dihedral views of square images (k = 0 is the identity): bit 2
-    transposes, bits 0 and 1 flip the last and the second-last axis; ``inverse`` undoes it."""
-    flips = [d for bit, d in ((0, -1), (1, -2)) if k >> bit & 1]
-    if inverse and k & 4:
-        x = x.transpose(-1, -2)
-    if flips:
-        x = x.flip(flips)
-    if not inverse and k & 4:
-        x = x.transpose(-1, -2)
-    return x
+from invert_critic import images, view  # noqa: E402
 
 
 def main() -> None:
