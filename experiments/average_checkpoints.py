@@ -71,13 +71,13 @@ def main() -> None:
             each = sum(float(psnr(o, x).mean()) for o in outs[-k:]) / k
             mean_out = float(psnr(torch.stack(outs[-k:]).mean(0), x).mean())
             both = averaged(models[-k:])
-            weights = float(psnr(both(x)[1], x).mean())
-            dec = averaged([m.decoder for m in models[-k:]])
-            mixed = float(psnr(dec(models[-1].encoder(x)), x).mean())
+            recon = both(x)[1]
+            weights = float(psnr(recon, x).mean())
+            mixed = float(psnr(both.decoder(models[-1].encoder(x)), x).mean())
             print(f"| {k} | {each:.2f} | {mean_out:.2f} | {weights:.2f} | {mixed:.2f} |")
         if args.picture:
             shown = slice(None, None, max(1, len(x) // 24))
-            rows = [x[shown][:24], outs[-1][shown][:24], both(x[shown][:24])[1]]
+            rows = [t[shown][:24] for t in (x, outs[-1], recon)]
             save_image(torch.cat(rows) * 0.5 + 0.5, args.picture, nrow=24)
 
 

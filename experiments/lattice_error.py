@@ -39,7 +39,8 @@ def lattice_masks(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
 def shares(e: torch.Tensor, masks: tuple[torch.Tensor, ...]) -> list[float]:
     """The share of ``e``'s power (summed over images and channels) in each mask's bins."""
     power = torch.fft.fft2(e.double()).abs().pow(2).sum((0, 1))
-    return [(power[m].sum() / power.sum()).item() for m in masks]
+    total = power.sum()
+    return [(power[m].sum() / total).item() for m in masks]
 
 
 def main() -> None:

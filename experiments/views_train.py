@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from invert_critic import view  # noqa: E402
 
 _VIEWS = int(os.environ.get("VIEWS", "4"))
+if _VIEWS not in (2, 4, 8):
+    raise SystemExit(f"VIEWS={_VIEWS}: give 2, 4 or 8 (1 is the plain game: ctrl-csc-train)")
 
 
 class ViewsObjective(nn.Module):
